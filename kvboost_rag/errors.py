@@ -1,0 +1,38 @@
+"""Exceptions raised by kvboost-rag.
+
+Every bad input gets one of these with a message that says what was wrong and what to do,
+never silent garbage. They all derive from :class:`KVBoostError` so callers can catch one type.
+"""
+from __future__ import annotations
+
+
+class KVBoostError(Exception):
+    """Base class of every error raised by kvboost-rag."""
+
+
+class UnsupportedModelError(KVBoostError):
+    """The model's position scheme cannot be re-rotated (learned positions, ALiBi, sliding window...)."""
+
+
+class ContextWindowError(KVBoostError, ValueError):
+    """The assembled prompt (plus the tokens to generate) does not fit the model's context window."""
+
+
+class EmptyInputError(KVBoostError, ValueError):
+    """An empty prompt or an empty document was given."""
+
+
+class InvalidConfigError(KVBoostError, ValueError):
+    """A parameter is out of range (e.g. recompute_ratio outside [0, 1])."""
+
+
+class StoreError(KVBoostError):
+    """A KV store entry is unusable (corrupt, truncated, or written for another model)."""
+
+
+class ModelMismatchError(StoreError):
+    """A KV chunk was computed by a different model (fingerprint mismatch)."""
+
+
+class CorruptEntryError(StoreError):
+    """A stored entry failed its checksum or could not be parsed."""
