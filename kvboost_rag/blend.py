@@ -1,0 +1,198 @@
+"""CacheBlend: repair reused KV with a layer-wise selective recompute, never a full forward.
+
+The prompt is laid out as [text][doc 1][text][doc 2]...[question]. Documents found in the store
+arrive with re-rotated KV ("reused" tokens); every other token is "fresh" and always computed.
+
+1. Layers ``0 .. check_layer-1`` run for all tokens. A reused token's layer-0 K/V depend only on
+   its own embedding and position, so they are exact already; running the layer gives every
+   token's input to the next layer.
+2. The check layer runs for all tokens too, and the deviation of each reused token's new K (or V)
+   from its stored K (or V) ranks them; the top ``recompute_ratio`` of reused tokens, plus every
+   fresh token, the first ``sink_tokens`` of each document and the last token, are *selected*.
+3. The remaining layers run only the selected tokens. Their queries attend over the full blended
+   K/V of all tokens, and their fresh K/V are written into it.
+
+Masks are by *absolute position*: a selected token at position ``p`` sees keys ``<= p``. The
+selected tokens are processed in position-sorted blocks and each block attends only to the keys
+up to its last position, so attention costs about ``ratio * N^2 / 2`` rather than ``ratio * N^2``.
+
+The model's own decoder layers do all the math: a small stand-in cache object receives each
+block's K/V through the ``update()`` call every attention module makes, scatters them into the
+blended buffer, and hands back the buffer up to the block's last position. At ratio 1.0 every
+token runs every layer and the result equals a full prefill to float rounding (tested).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+from .errors import InvalidConfigError
+
+
+@dataclass(frozen=True)
+class BlendConfig:
+    """How much to recompute and how to choose it.
+
+    recompute_ratio: share of reused tokens recomputed from the check layer on (0..1).
+    selection: rank reused tokens by deviation of their ``"value"`` or ``"key"`` at the check layer.
+    check_layer: layer at which deviations are measured (layers before it run for all tokens).
+    sink_tokens: first tokens of each reused document always recomputed (they were attention
+        sinks when the document was encoded alone).
+    block_size: query block size of the masked attention over scattered tokens.
+    """
+
+    recompute_ratio: float = 0.15
+    selection: Literal["value", "key"] = "value"
+    check_layer: int = 1
+    sink_tokens: int = 0
+    block_size: int = 256
+
+    def __post_init__(self) -> None:
+        if not (isinstance(self.recompute_ratio, (int, float)) and 0.0 <= self.recompute_ratio <= 1.0):
+            raise InvalidConfigError(f"recompute_ratio must be within [0, 1], got {self.recompute_ratio!r}")
+        if self.selection not in ("value", "key"):
+            raise InvalidConfigError(f"selection must be 'value' or 'key', got {self.selection!r}")
+        if self.check_layer < 0 or self.sink_tokens < 0 or self.block_size < 1:
+            raise InvalidConfigError("check_layer and sink_tokens must be >= 0, block_size >= 1")
+
+
+@dataclass
+class BlendResult:
+    logits: torch.Tensor        # first answer token's logits, [vocab], float32
+    keys: torch.Tensor          # blended K, [layers, kv_heads, N, head_dim]
+    values: torch.Tensor
+    recomputed_tokens: int      # reused tokens recomputed from the check layer on
+    fresh_tokens: int           # tokens with no stored KV (always computed)
+    selected: torch.Tensor      # positions run through the last layer
+
+
+class _ScatterCache:
+    """Stand-in for a transformers Cache during one layer call on one block of tokens.
+
+    The attention module calls ``update(k, v, layer_idx)`` with the block's new K/V; we write
+    them at the block's absolute positions in the blended buffer and return the buffer up to the
+    block's last position, which is all the block may attend to.
+    """
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor, end: int) -> None:
+        self.keys, self.values, self.positions, self.end = keys, values, positions, end
+
+    def update(self, key_states, value_states, layer_idx=None, *args, **kwargs):
+        self.keys.index_copy_(1, self.positions, key_states[0].to(self.keys.dtype))
+        self.values.index_copy_(1, self.positions, value_states[0].to(self.values.dtype))
+        return self.keys[:, : self.end].unsqueeze(0), self.values[:, : self.end].unsqueeze(0)
+
+
+class LayerRunner:
+    """Runs a set of tokens (scattered positions) through one decoder layer over blended K/V."""
+
+    def __init__(self, model, input_ids: torch.Tensor, block_size: int) -> None:
+        self.model = model
+        self.base = model.model
+        self.block_size = block_size
+        n = input_ids.shape[0]
+        self.device = input_ids.device
+        self.embeddings = self.base.embed_tokens(input_ids.unsqueeze(0))[0]
+        positions = torch.arange(n, device=self.device).unsqueeze(0)
+        cos, sin = self.base.rotary_emb(self.embeddings.unsqueeze(0), positions)
+        self.cos, self.sin = cos[0], sin[0]
+        self.key_positions = torch.arange(n, device=self.device)
+        impl = getattr(model.config, "_attn_implementation", "sdpa")
+        self.bool_mask = impl == "sdpa"
+
+    def _mask(self, positions: torch.Tensor, end: int) -> torch.Tensor:
+        allowed = self.key_positions[:end].unsqueeze(0) <= positions.unsqueeze(1)
+        if self.bool_mask:
+            return allowed[None, None]
+        dtype = self.embeddings.dtype
+        mask = torch.zeros(allowed.shape, dtype=dtype, device=self.device)
+        mask.masked_fill_(~allowed, torch.finfo(dtype).min)
+        return mask[None, None]
+
+    def run(self, layer_idx: int, hidden: torch.Tensor, positions: torch.Tensor,
+            keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+        """hidden: [S, hidden] inputs of the tokens at sorted ``positions``; returns their outputs."""
+        layer = self.base.layers[layer_idx]
+        out = torch.empty_like(hidden)
+        for b0 in range(0, positions.shape[0], self.block_size):
+            pos = positions[b0: b0 + self.block_size]
+            end = int(pos[-1]) + 1
+            cache = _ScatterCache(keys[layer_idx], values[layer_idx], pos, end)
+            res = layer(
+                hidden[b0: b0 + self.block_size].unsqueeze(0),
+                attention_mask=self._mask(pos, end),
+                position_ids=pos.unsqueeze(0),
+                past_key_values=cache,
+                use_cache=True,
+                position_embeddings=(self.cos[pos].unsqueeze(0), self.sin[pos].unsqueeze(0)),
+            )
+            out[b0: b0 + pos.shape[0]] = (res[0] if isinstance(res, tuple) else res)[0]
+        return out
+
+    def logits(self, last_hidden: torch.Tensor) -> torch.Tensor:
+        h = self.base.norm(last_hidden.view(1, 1, -1))
+        return self.model.lm_head(h)[0, -1].float()
+
+
+def _select(deviation: torch.Tensor, reused_idx: torch.Tensor, ratio: float) -> torch.Tensor:
+    """Positions of the ``ratio`` share of reused tokens with the largest deviation."""
+    k = int(math.ceil(ratio * reused_idx.numel() - 1e-9))
+    if k <= 0:
+        return reused_idx[:0]
+    if k >= reused_idx.numel():
+        return reused_idx
+    return reused_idx[torch.topk(deviation, k, sorted=False).indices]
+
+
+@torch.inference_mode()
+def blend(model, input_ids: torch.Tensor, reused: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+          config: BlendConfig, doc_starts: list[int] | None = None) -> BlendResult:
+    """Selective recompute over assembled KV.
+
+    input_ids: [N] prompt ids. reused: [N] bool, True where ``keys``/``values`` hold stored
+    (re-rotated) KV. keys/values: [layers, kv_heads, N, head_dim] buffers, written in place.
+    doc_starts: first position of each reused document (for ``sink_tokens``).
+    """
+    n = input_ids.shape[0]
+    num_layers = len(model.model.layers)
+    device = input_ids.device
+    runner = LayerRunner(model, input_ids, config.block_size)
+    all_pos = torch.arange(n, device=device)
+    must = ~reused.clone()
+    must[n - 1] = True  # the last token's final hidden state gives the first answer token
+    fresh_tokens = int((~reused).sum())
+    if config.sink_tokens and doc_starts:
+        for s in doc_starts:
+            must[s: s + config.sink_tokens] = True
+    reused_idx = all_pos[reused & ~must]
+    ratio = config.recompute_ratio
+    check = min(config.check_layer, num_layers - 1)
+
+    if ratio == 0.0 or reused_idx.numel() == 0:
+        # Reuse only: the stored KV stand as they are; only the must-compute tokens run.
+        selected = all_pos[must]
+        hidden = runner.embeddings[selected]
+        for layer_idx in range(num_layers):
+            hidden = runner.run(layer_idx, hidden, selected, keys, values)
+    else:
+        hidden = runner.embeddings
+        for layer_idx in range(check):
+            hidden = runner.run(layer_idx, hidden, all_pos, keys, values)
+        probe = keys if config.selection == "key" else values
+        stored = probe[check][:, reused_idx].clone()
+        hidden = runner.run(check, hidden, all_pos, keys, values)
+        deviation = (probe[check][:, reused_idx].float() - stored.float()).pow(2).sum(dim=(0, 2))
+        chosen = _select(deviation, reused_idx, ratio)
+        keep = must.clone()
+        keep[chosen] = True
+        selected = all_pos[keep]
+        hidden = hidden[selected]
+        for layer_idx in range(check + 1, num_layers):
+            hidden = runner.run(layer_idx, hidden, selected, keys, values)
+
+    logits = runner.logits(hidden[-1])
+    recomputed = int((reused[selected]).sum())
+    return BlendResult(logits, keys, values, recomputed, fresh_tokens, selected)

@@ -1,0 +1,70 @@
+"""Move stored keys to new positions by re-rotating them (RoPE).
+
+RoPE rotates each channel pair by ``position * inv_freq``. Rotations compose,
+``R(p_new) = R(p_new - p_old) R(p_old)``, so a key stored after RoPE at ``p_old`` becomes the
+key at ``p_new`` by one more rotation of ``delta = p_new - p_old``; values carry no position.
+
+We use the model's own ``inv_freq`` (which already includes ``linear``, ``llama3`` and YaRN
+frequency scaling) and deliberately *not* its ``attention_scaling`` factor: YaRN multiplies
+cos/sin by it when the key is first rotated, applying it again would scale twice. Partial
+rotary models rotate only their first ``rotary_dim`` channels. Layout is the Hugging Face
+"rotate_half" one: channel i pairs with channel i + rotary_dim/2.
+"""
+from __future__ import annotations
+
+import torch
+
+from .errors import UnsupportedModelError
+
+
+class RopeRotator:
+    """Rotates key tensors ``[..., tokens, head_dim]`` by a position delta."""
+
+    def __init__(self, model) -> None:
+        rotary = getattr(getattr(model, "model", None), "rotary_emb", None)
+        inv_freq = getattr(rotary, "inv_freq", None)
+        if inv_freq is None:
+            raise UnsupportedModelError(f"{type(model).__name__} exposes no rotary inv_freq to re-rotate keys with")
+        self.inv_freq = inv_freq.detach().to("cpu", torch.float64)
+        self.rotary_dim = 2 * self.inv_freq.numel()
+        self._cache: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def cos_sin(self, delta: int, dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos/sin of ``delta * inv_freq`` laid out as ``[rotary_dim]`` (computed in float64)."""
+        key = (int(delta), dtype, str(device))
+        hit = self._cache.get(key)
+        if hit is None:
+            angles = float(delta) * self.inv_freq
+            angles = torch.cat([angles, angles])
+            hit = (angles.cos().to(device=device, dtype=dtype), angles.sin().to(device=device, dtype=dtype))
+            if len(self._cache) > 4096:
+                self._cache.clear()
+            self._cache[key] = hit
+        return hit
+
+    def rotate(self, keys: torch.Tensor, delta: int) -> torch.Tensor:
+        """A new tensor: ``keys`` moved by ``delta`` positions."""
+        out = torch.empty_like(keys)
+        self.rotate_into(out, keys, delta)
+        return out
+
+    def rotate_into(self, out: torch.Tensor, keys: torch.Tensor, delta: int) -> None:
+        """Write ``keys`` rotated by ``delta`` into ``out`` (same shape), without temporaries
+        beyond one half-size buffer: out = k*cos + rotate_half(k)*sin."""
+        rd = self.rotary_dim
+        if keys.shape[-1] < rd:
+            raise UnsupportedModelError(f"head_dim {keys.shape[-1]} is smaller than rotary dim {rd}")
+        if delta == 0:
+            out.copy_(keys)
+            return
+        cos, sin = self.cos_sin(delta, keys.dtype, keys.device)
+        half = rd // 2
+        k1, k2 = keys[..., :half], keys[..., half:rd]
+        c, s = cos[:half], sin[:half]  # both halves share the same angles
+        # rotate_half(k) = [-k2, k1]
+        torch.mul(k1, c, out=out[..., :half])
+        out[..., :half].addcmul_(k2, s, value=-1.0)
+        torch.mul(k2, c, out=out[..., half:rd])
+        out[..., half:rd].addcmul_(k1, s)
+        if rd < keys.shape[-1]:
+            out[..., rd:].copy_(keys[..., rd:])
