@@ -1,0 +1,235 @@
+"""What :class:`ChatKVBoost` and :class:`KVBoostLLM` share: the engine, generation parameters,
+the sync/async bridges to ``engine.stream`` and the translation of engine telemetry.
+
+Both classes are thin: they turn LangChain inputs into an engine prompt (a string or a list of
+:class:`kvboost_rag.Segment`), call the engine, and turn its :class:`GenerationResult` into
+LangChain usage/response metadata. Nothing here knows about KV caches.
+"""
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+import weakref
+from typing import Any, AsyncIterator, Iterator, Optional
+
+from pydantic import BaseModel, Field
+
+#: Reported as the model name before a lazily configured engine has been loaded
+#: (the engine's default model is SmolLM2-135M-Instruct).
+DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
+
+# Keyword arguments a caller may override per call (``model.invoke(..., temperature=0.7)``).
+_CALL_OVERRIDES = ("temperature", "max_tokens", "top_p", "top_k", "seed", "strategy", "recompute_ratio", "timeout")
+
+_LOAD_LOCK = threading.Lock()
+# One lock per engine: a LangChain ``batch`` runs calls in a thread pool, while a loaded model
+# serves one generation at a time (on CPU concurrency would only split the same cores anyway).
+_ENGINE_LOCKS: "weakref.WeakKeyDictionary[Any, threading.RLock]" = weakref.WeakKeyDictionary()
+
+
+def engine_lock(engine: Any) -> threading.RLock:
+    with _LOAD_LOCK:
+        lock = _ENGINE_LOCKS.get(engine)
+        if lock is None:
+            lock = _ENGINE_LOCKS[engine] = threading.RLock()
+        return lock
+
+
+class KVBoostParams(BaseModel):
+    """Engine ownership and generation parameters, shared by the chat model and the LLM.
+
+    Build from a model (``from_model_id``, loaded lazily on first use) or from an engine that is
+    already loaded (``engine=...``), so that several LangChain objects share one model and one KV
+    store.
+    """
+
+    model_id: Optional[str] = None
+    """HF id, local folder or ``.gguf`` file; ``None`` is the engine default (SmolLM2-135M-Instruct)."""
+    engine_kwargs: dict[str, Any] = Field(default_factory=dict)
+    """Passed to ``KVBoostEngine.from_pretrained`` when the engine is loaded lazily."""
+    engine: Any = Field(default=None, exclude=True)
+    """A loaded ``KVBoostEngine``; ``None`` until first use when built from ``model_id``."""
+
+    temperature: float = 0.0
+    """Sampling temperature; 0 is greedy decoding."""
+    max_tokens: Optional[int] = 256
+    """Maximum number of new tokens (the engine's ``max_new_tokens``)."""
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: Optional[int] = None
+    stop: Optional[list[str]] = None
+    """Default stop sequences (a ``stop=`` given at call time replaces them)."""
+    strategy: Optional[str] = None
+    """``"cacheblend"`` (engine default), ``"reuse"`` or ``"full"`` (no reuse, the baseline)."""
+    recompute_ratio: Optional[float] = None
+    """Fraction of reused tokens CacheBlend recomputes; ``None`` keeps the engine's setting."""
+    timeout: Optional[float] = None
+    """Seconds a generation may take; past it decoding stops and ``TimeoutError`` is raised."""
+    max_retries: int = 0
+    """Accepted for LangChain's standard parameters. A local model has no transient network
+    failures to retry, so it is not used."""
+    streaming: bool = False
+    """Whether ``invoke`` goes through the streaming path (token callbacks fire either way)."""
+
+    @classmethod
+    def from_model_id(cls, model_id: Optional[str] = None, *, engine_kwargs: Optional[dict] = None,
+                      **kwargs: Any):
+        """Configure from a model id/path; the model loads on first use, not here.
+
+        Keyword arguments that are fields of this class (``temperature``, ``max_tokens``...)
+        configure it; every other keyword goes to ``KVBoostEngine.from_pretrained``
+        (``store=``, ``device=``, ``strategy`` of the engine is a field here).
+        """
+        fields = {k: kwargs.pop(k) for k in list(kwargs) if k in cls.model_fields}
+        return cls(model_id=model_id, engine_kwargs={**(engine_kwargs or {}), **kwargs}, **fields)
+
+    def load_engine(self):
+        """The engine, loading it now if this object was configured lazily."""
+        if self.engine is None:
+            with _LOAD_LOCK:
+                if self.engine is None:
+                    from kvboost_rag import KVBoostEngine
+
+                    self.engine = KVBoostEngine.from_pretrained(self.model_id, **self.engine_kwargs)
+        return self.engine
+
+    @property
+    def model_label(self) -> str:
+        """Model name for tracing and metadata, without forcing a lazy engine to load."""
+        if self.engine is not None:
+            return str(getattr(self.engine, "model_name", None) or DEFAULT_MODEL_NAME)
+        return self.model_id or DEFAULT_MODEL_NAME
+
+    def _generation_kwargs(self, stop: Optional[list[str]], kwargs: dict[str, Any]) -> tuple[dict, Optional[float]]:
+        """Engine keyword arguments for one call, and that call's timeout."""
+        requested_model = kwargs.get("model")
+        if isinstance(requested_model, str) and requested_model not in (self.model_label, self.model_id):
+            raise ValueError(
+                f"{type(self).__name__} serves the one model its engine loaded ({self.model_label!r}); "
+                f"it cannot switch to {requested_model!r} per call. Build another instance for it."
+            )
+        params = {name: getattr(self, name) for name in _CALL_OVERRIDES}
+        params.update({k: v for k, v in kwargs.items() if k in _CALL_OVERRIDES})
+        timeout = params.pop("timeout")
+        stop = self.stop if stop is None else stop
+        out: dict[str, Any] = {
+            "temperature": float(params["temperature"] or 0.0),
+            "top_p": params["top_p"],
+            "top_k": params["top_k"],
+            "seed": params["seed"],
+            "stop": list(stop) if stop else None,
+        }
+        if params["max_tokens"] is not None:
+            out["max_new_tokens"] = int(params["max_tokens"])
+        if params["strategy"] is not None:
+            out["strategy"] = params["strategy"]
+        if params["recompute_ratio"] is not None:
+            out["recompute_ratio"] = params["recompute_ratio"]
+        return out, timeout
+
+
+def engine_prompt(segments: list) -> Any:
+    """The rendered chat as the engine should get it.
+
+    With explicit document segments, the segments. Without, the flat rendered string: the
+    engine's automatic detection of warmed documents runs on flat strings, which is how stock
+    chains that paste documents into a prompt get their KV reused.
+    """
+    if any(segment.is_document for segment in segments):
+        return segments
+    return "".join(segment.text for segment in segments)
+
+
+class TimedStream:
+    """``engine.stream(...)`` under the engine lock, with an optional deadline.
+
+    Iterate for text deltas; ``result`` holds the engine's ``GenerationResult`` once iteration
+    has finished. ``cancel()`` (from any thread) stops decoding at the next token.
+    """
+
+    def __init__(self, engine: Any, prompt: Any, gen_kwargs: dict, timeout: Optional[float]) -> None:
+        self.engine, self.prompt, self.gen_kwargs, self.timeout = engine, prompt, gen_kwargs, timeout
+        self.result = None
+        self._cancelled = threading.Event()
+
+    def cancel(self) -> None:
+        self._cancelled.set()
+
+    def __iter__(self) -> Iterator[str]:
+        deadline = None if not self.timeout else time.monotonic() + self.timeout
+        with engine_lock(self.engine):
+            stream = self.engine.stream(self.prompt, **self.gen_kwargs)
+            try:
+                for delta in stream:
+                    if delta:
+                        yield delta
+                    if self._cancelled.is_set():
+                        return
+                    if deadline is not None and time.monotonic() > deadline:
+                        raise TimeoutError(f"generation took longer than timeout={self.timeout}s")
+                self.result = stream.result
+            finally:
+                close = getattr(stream, "close", None)
+                if self.result is None and callable(close):
+                    close()
+
+
+async def aiter_in_thread(stream: TimedStream) -> AsyncIterator[str]:
+    """Run a :class:`TimedStream` in a worker thread and yield its deltas as they come.
+
+    The event loop only awaits a queue, so other tasks keep running while the model decodes.
+    If the consumer stops early (or is cancelled) the worker is told to stop at the next token.
+    """
+    loop = asyncio.get_running_loop()
+    queue: asyncio.Queue = asyncio.Queue()
+    done = object()
+
+    def work() -> None:
+        try:
+            for delta in stream:
+                loop.call_soon_threadsafe(queue.put_nowait, delta)
+            loop.call_soon_threadsafe(queue.put_nowait, done)
+        except BaseException as exc:  # handed to the consumer, re-raised there
+            loop.call_soon_threadsafe(queue.put_nowait, exc)
+
+    worker = loop.run_in_executor(None, work)
+    try:
+        while True:
+            item = await queue.get()
+            if item is done:
+                break
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stream.cancel()
+        await asyncio.shield(worker)
+
+
+def usage_metadata(result: Any) -> dict:
+    """LangChain ``UsageMetadata``: reused KV tokens are reported as ``cache_read`` input tokens."""
+    return {
+        "input_tokens": int(result.prompt_tokens),
+        "output_tokens": int(result.completion_tokens),
+        "total_tokens": int(result.prompt_tokens) + int(result.completion_tokens),
+        "input_token_details": {"cache_read": int(result.reused_tokens)},
+    }
+
+
+def response_metadata(result: Any, model_name: str) -> dict:
+    """Engine telemetry for ``response_metadata`` / ``generation_info``."""
+    return {
+        "model_name": model_name,
+        "finish_reason": result.finish_reason,
+        "ttft_s": result.ttft_s,
+        "total_s": result.total_s,
+        "tokens_per_s": result.tokens_per_s,
+        "prompt_tokens": result.prompt_tokens,
+        "reused_tokens": result.reused_tokens,
+        "recomputed_tokens": result.recomputed_tokens,
+        "fresh_tokens": result.fresh_tokens,
+        "strategy": result.strategy,
+        "recompute_ratio": result.recompute_ratio,
+    }
+

@@ -1,0 +1,11 @@
+"""LlamaIndex integration of kvboost-rag (namespace package ``llama_index.llms.kvboost``).
+
+* :class:`KVBoostLLM` - LLM over a local model with reused document KV.
+* :class:`KVBoostSynthesizer` - response synthesizer handing nodes over as document segments.
+* :class:`KVBoostWarmer` - ingestion step warming nodes' KV (idempotent via the KV store).
+"""
+from llama_index.llms.kvboost.base import KVBoostLLM, message_to_engine, telemetry
+from llama_index.llms.kvboost.ingestion import KVBoostWarmer
+from llama_index.llms.kvboost.synthesizer import KVBoostSynthesizer
+
+__all__ = ["KVBoostLLM", "KVBoostSynthesizer", "KVBoostWarmer", "message_to_engine", "telemetry"]
