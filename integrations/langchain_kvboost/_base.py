@@ -160,8 +160,9 @@ class TimedStream:
         deadline = None if not self.timeout else time.monotonic() + self.timeout
         with engine_lock(self.engine):
             stream = self.engine.stream(self.prompt, **self.gen_kwargs)
+            events = iter(stream)
             try:
-                for delta in stream:
+                for delta in events:
                     if delta:
                         yield delta
                     if self._cancelled.is_set():
@@ -170,7 +171,9 @@ class TimedStream:
                         raise TimeoutError(f"generation took longer than timeout={self.timeout}s")
                 self.result = stream.result
             finally:
-                close = getattr(stream, "close", None)
+                # Stopped early (cancel, timeout, error): close the engine's generator here, in
+                # the thread that holds its lock, rather than leaving it to the garbage collector.
+                close = getattr(events, "close", None)
                 if self.result is None and callable(close):
                     close()
 

@@ -38,15 +38,18 @@ class EngineStream:
     def __iter__(self) -> Iterator[str]:
         with _engine_lock(self.engine):
             stream = self.engine.stream(self.prompt, **self.gen_kwargs)
+            events = iter(stream)
             try:
-                for delta in stream:
+                for delta in events:
                     if delta:
                         yield delta
                     if self._cancelled.is_set():
                         return
                 self.result = stream.result
             finally:
-                close = getattr(stream, "close", None)
+                # Stopped early (cancel, timeout, error): close the engine's generator here, in
+                # the thread that holds its lock, rather than leaving it to the garbage collector.
+                close = getattr(events, "close", None)
                 if self.result is None and callable(close):
                     close()
 
