@@ -38,7 +38,9 @@ class WarmReport:
 
     documents: documents seen; encoded: entries written by this run; skipped: already in the store;
     duplicates: identical to an earlier document of this run; failed: ``(document id, reason)``;
-    tokens: tokens encoded by this run; bytes_written: bytes the store reported writing.
+    tokens: tokens encoded by this run; bytes_written: bytes the store reported writing;
+    seconds: time spent planning, encoding and writing (with Ray: the whole distributed job,
+    including actors loading the model).
     """
 
     documents: int = 0
@@ -51,10 +53,16 @@ class WarmReport:
     seconds: float = 0.0
     interrupted: bool = False
     backend: str = "local"
+    load_seconds: float = 0.0  # building the engine / loading the model (local backend), not in ``seconds``
 
     @property
     def tokens_per_s(self) -> float:
         return self.tokens / self.seconds if self.seconds > 0 else 0.0
+
+    @property
+    def seen(self) -> int:
+        """Alias of ``documents`` (the name :class:`kvboost_rag.engine.WarmReport` uses)."""
+        return self.documents
 
     def to_dict(self) -> Dict[str, Any]:
         d = asdict(self)
@@ -263,10 +271,12 @@ def warm_corpus(
 
     from tqdm.auto import tqdm
 
-    t0 = time.perf_counter()
+    t_load = time.perf_counter()
     report = WarmReport(backend="local")
     engine = build_engine(engine_or_model, store=store, **(engine_kwargs or {}))
     store = store if store is not None else engine.store
+    t0 = time.perf_counter()  # throughput excludes loading the model
+    report.load_seconds = t0 - t_load
     bar = None
     try:
         docs = list(iter_documents(documents, render))
@@ -348,6 +358,7 @@ def _warm_ray(documents: Any, model_spec: Any, store: Any, *, batch_size: int, r
         )
     if num_actors < 1:
         raise InvalidConfigError(f"num_actors must be >= 1, got {num_actors}")
+    spec = _store_spec(store)
     import ray  # only on this path: ray is an optional dependency
     import ray.data
     import torch
@@ -355,7 +366,6 @@ def _warm_ray(documents: Any, model_spec: Any, store: Any, *, batch_size: int, r
 
     t0 = time.perf_counter()
     report = WarmReport(backend="ray")
-    spec = _store_spec(store)
     docs = list(iter_documents(documents, render))
     report.documents = len(docs)
     # Failures and exact duplicates are settled here, so actors only see distinct texts; sorting
