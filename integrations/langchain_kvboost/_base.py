@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-import weakref
 from typing import Any, AsyncIterator, Iterator, Optional
 
 from pydantic import BaseModel, Field
@@ -23,17 +22,6 @@ DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 _CALL_OVERRIDES = ("temperature", "max_tokens", "top_p", "top_k", "seed", "strategy", "recompute_ratio", "timeout")
 
 _LOAD_LOCK = threading.Lock()
-# One lock per engine: a LangChain ``batch`` runs calls in a thread pool, while a loaded model
-# serves one generation at a time (on CPU concurrency would only split the same cores anyway).
-_ENGINE_LOCKS: "weakref.WeakKeyDictionary[Any, threading.RLock]" = weakref.WeakKeyDictionary()
-
-
-def engine_lock(engine: Any) -> threading.RLock:
-    with _LOAD_LOCK:
-        lock = _ENGINE_LOCKS.get(engine)
-        if lock is None:
-            lock = _ENGINE_LOCKS[engine] = threading.RLock()
-        return lock
 
 
 class KVBoostParams(BaseModel):
@@ -142,7 +130,7 @@ def engine_prompt(segments: list) -> Any:
 
 
 class TimedStream:
-    """``engine.stream(...)`` under the engine lock, with an optional deadline.
+    """``engine.stream(...)`` with an optional deadline (the engine serialises decoding itself).
 
     Iterate for text deltas; ``result`` holds the engine's ``GenerationResult`` once iteration
     has finished. ``cancel()`` (from any thread) stops decoding at the next token.
@@ -158,24 +146,23 @@ class TimedStream:
 
     def __iter__(self) -> Iterator[str]:
         deadline = None if not self.timeout else time.monotonic() + self.timeout
-        with engine_lock(self.engine):
-            stream = self.engine.stream(self.prompt, **self.gen_kwargs)
-            events = iter(stream)
-            try:
-                for delta in events:
-                    if delta:
-                        yield delta
-                    if self._cancelled.is_set():
-                        return
-                    if deadline is not None and time.monotonic() > deadline:
-                        raise TimeoutError(f"generation took longer than timeout={self.timeout}s")
-                self.result = stream.result
-            finally:
-                # Stopped early (cancel, timeout, error): close the engine's generator here, in
-                # the thread that holds its lock, rather than leaving it to the garbage collector.
-                close = getattr(events, "close", None)
-                if self.result is None and callable(close):
-                    close()
+        stream = self.engine.stream(self.prompt, **self.gen_kwargs)
+        events = iter(stream)
+        try:
+            for delta in events:
+                if delta:
+                    yield delta
+                if self._cancelled.is_set():
+                    return
+                if deadline is not None and time.monotonic() > deadline:
+                    raise TimeoutError(f"generation took longer than timeout={self.timeout}s")
+            self.result = stream.result
+        finally:
+            # Stopped early (cancel, timeout, error): close the engine's generator here, in the
+            # thread that holds the engine's lock, rather than leaving it to the garbage collector.
+            close = getattr(events, "close", None)
+            if self.result is None and callable(close):
+                close()
 
 
 async def aiter_in_thread(stream: TimedStream) -> AsyncIterator[str]:

@@ -7,25 +7,12 @@ from __future__ import annotations
 
 import asyncio
 import threading
-import weakref
 from typing import Any, AsyncIterator, Iterator
 
-_LOCK = threading.Lock()
-# One generation at a time per engine: LlamaIndex may call an LLM from several threads
-# (async query engines, parallel workers), while a loaded model serves one decode loop at a time.
-_ENGINE_LOCKS: "weakref.WeakKeyDictionary[Any, threading.RLock]" = weakref.WeakKeyDictionary()
-
-
-def _engine_lock(engine: Any) -> threading.RLock:
-    with _LOCK:
-        lock = _ENGINE_LOCKS.get(engine)
-        if lock is None:
-            lock = _ENGINE_LOCKS[engine] = threading.RLock()
-        return lock
-
-
 class EngineStream:
-    """Deltas of one ``engine.stream(prompt, **kwargs)``; ``result`` is set once it finished."""
+    """Deltas of one ``engine.stream(prompt, **kwargs)``; ``result`` is set once it finished.
+
+    The engine serialises decoding itself, so LLM calls from several threads are safe."""
 
     def __init__(self, engine: Any, prompt: Any, gen_kwargs: dict) -> None:
         self.engine, self.prompt, self.gen_kwargs = engine, prompt, gen_kwargs
@@ -36,22 +23,21 @@ class EngineStream:
         self._cancelled.set()
 
     def __iter__(self) -> Iterator[str]:
-        with _engine_lock(self.engine):
-            stream = self.engine.stream(self.prompt, **self.gen_kwargs)
-            events = iter(stream)
-            try:
-                for delta in events:
-                    if delta:
-                        yield delta
-                    if self._cancelled.is_set():
-                        return
-                self.result = stream.result
-            finally:
-                # Stopped early (cancel, timeout, error): close the engine's generator here, in
-                # the thread that holds its lock, rather than leaving it to the garbage collector.
-                close = getattr(events, "close", None)
-                if self.result is None and callable(close):
-                    close()
+        stream = self.engine.stream(self.prompt, **self.gen_kwargs)
+        events = iter(stream)
+        try:
+            for delta in events:
+                if delta:
+                    yield delta
+                if self._cancelled.is_set():
+                    return
+            self.result = stream.result
+        finally:
+            # Stopped early (cancel, error): close the engine's generator here, in the thread
+            # that holds the engine's lock, rather than leaving it to the garbage collector.
+            close = getattr(events, "close", None)
+            if self.result is None and callable(close):
+                close()
 
 
 async def aiter_in_thread(stream: EngineStream) -> AsyncIterator[str]:
