@@ -192,7 +192,7 @@ BUILTIN_QA: list[tuple[str, str, str]] = [
     ("return", "Which exception is raised when a generator function executes a return statement?", "StopIteration"),
     ("raise", "What exception does a bare raise statement raise when there is no active exception?", "RuntimeError"),
     ("raise", "Which attribute does the from clause of a raise statement set on the raised exception?", "__cause__"),
-    ("global", "What does the global statement mean for the identifiers it lists?", "they are to be interpreted as globals"),
+    ("global", "What does the global statement mean for the identifiers it lists?", "the listed identifiers are to be interpreted as globals"),
     ("booleans", "Which method lets a user-defined object customize its truth value?", "__bool__()"),
     ("floating", "In which radix are the integer and exponent parts of a floating point literal interpreted?", "radix 10"),
     ("integers", "What limits the length of an integer literal?", "what can be stored in available memory"),
