@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import os
 import sys
 from collections import defaultdict
 from typing import List, Optional, Sequence
@@ -148,6 +149,9 @@ def _disk_store(args, kv_bits: int = 16, max_bytes: Optional[int] = None):
 def cmd_warm(args) -> int:
     from .warm import warm_corpus
 
+    if not os.path.exists(os.path.expanduser(args.corpus)):  # fail before spending time loading a model
+        print(f"{PROG} warm: error: corpus path {args.corpus!r} does not exist", file=sys.stderr)
+        return 1
     store = _disk_store(args, args.kv_bits, args.max_bytes)
     engine_kwargs = {"device": args.device, "dtype": args.dtype}
     print(f"store: {store.root} (kv_bits={store.kv_bits})", file=sys.stderr)
