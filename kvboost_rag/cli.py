@@ -97,7 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="16 stores KV as is; 8 / 4 quantize it KIVI-style (default: 16)")
     w.add_argument("--backend", choices=("local", "ray"), default="local",
                    help="local: this process; ray: a Ray Data actor pool (default: local)")
-    w.add_argument("--num-actors", type=int, default=2, metavar="N", help="Ray actors, one model each (default: 2)")
+    w.add_argument("--num-actors", type=int, default=2, metavar="N", help="Ray actors, each loading its own model copy (one GPU each when CUDA is available; default: 2)")
     w.add_argument("--max-bytes", type=int, default=None, metavar="N",
                    help="disk budget; least recently used entries are evicted beyond it")
     w.add_argument("--verify-existing", action="store_true",
@@ -111,7 +111,9 @@ def build_parser() -> argparse.ArgumentParser:
                        epilog=INSPECT_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     _add_store_args(i)
     i.add_argument("--verify", action="store_true", help="read and checksum every entry; exit 1 if any is corrupt")
-    i.add_argument("--repair", action="store_true", help="with --verify: delete corrupt entries")
+    i.add_argument("--repair", action="store_true",
+                   help="with --verify: delete corrupt entries (warm recomputes them); also removes temp files "
+                        "older than an hour left by killed writers")
     i.add_argument("--json", action="store_true", help="print the summary as JSON")
     i.set_defaults(func=cmd_inspect)
 
@@ -220,6 +222,9 @@ def cmd_inspect(args) -> int:
     if args.verify:
         bad = store.verify(remove=args.repair)
         summary["corrupt"] = [{"key": k, "reason": r} for k, r in bad]
+    if args.repair:
+        for tmp in store.stale_temp_files():
+            tmp.unlink(missing_ok=True)
     if args.json:
         print(json.dumps(summary, indent=2))
     else:

@@ -161,8 +161,11 @@ def _plan(
         if not ids:
             rows.append(_row(doc, FAILED, reason="empty document (no tokens)"))
             continue
-        if limit and len(ids) >= limit:
-            rows.append(_row(doc, FAILED, reason=f"{len(ids)} tokens, more than the context window ({limit})"))
+        # the engine encodes each document after its preamble, so both must fit the window
+        overhead = len(getattr(engine, "preamble_ids", None) or ())
+        if limit and len(ids) + overhead > limit:
+            rows.append(_row(doc, FAILED, reason=f"{len(ids)} tokens (+{overhead} preamble) do not fit the context "
+                                                 f"window ({limit}); split the document into smaller chunks"))
             continue
         key = engine.chunk_key(ids)
         if key in seen:

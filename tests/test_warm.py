@@ -96,11 +96,12 @@ def test_llamaindex_node_default_render():
 # ------------------------------------------------------------ local backend
 def test_dedup_failures_and_report(tmp_path):
     engine = FakeEngine(store=DiskStore(tmp_path))
-    docs = make_docs(10) + make_docs(3) + ["", "FAIL-ENCODE this one"]
+    docs = make_docs(10) + make_docs(3) + ["", "FAIL-ENCODE this one", "word " * 600]
     report = warm_corpus(docs, engine, batch_size=4, progress=False)
-    assert report.documents == 15 and report.encoded == 10 and report.duplicates == 3 and report.skipped == 0
+    assert report.documents == 16 and report.encoded == 10 and report.duplicates == 3 and report.skipped == 0
     reasons = dict(report.failed)
     assert reasons["#13"] == "empty document" and "synthetic encoder failure" in reasons["#14"]
+    assert "do not fit the context window (512)" in reasons["#15"]
     assert report.tokens == sum(len(d.split()) for d in make_docs(10))
     assert report.bytes_written == DiskStore(tmp_path).nbytes
     assert report.tokens_per_s > 0 and "tokens/s" in report.summary()
@@ -155,26 +156,32 @@ def test_corrupt_entries_are_recomputed_by_the_next_warm(tmp_path):
 
 
 CONCURRENT = textwrap.dedent("""
-    import sys
+    import os, sys, time
     from _store_helpers import FakeEngine, make_docs
     from kvboost_rag.disk_store import DiskStore
     from kvboost_rag.warm import warm_corpus
-    docs = make_docs(30)[int(sys.argv[2]):int(sys.argv[3])]
-    r = warm_corpus(docs, FakeEngine(store=DiskStore(sys.argv[1]), delay_s=0.01), batch_size=3, progress=False)
+    root, a, b, barrier = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+    open(f"{barrier}.{a}", "w").close()          # barrier: start together, so the writes overlap
+    while len([f for f in os.listdir(os.path.dirname(barrier)) if f.startswith("ready.")]) < 2:
+        time.sleep(0.01)
+    docs = make_docs(30)[a:b]
+    r = warm_corpus(docs, FakeEngine(store=DiskStore(root), delay_s=0.05), batch_size=3, progress=False)
     print(r.encoded, r.skipped)
 """)
 
 
 def test_two_concurrent_warm_processes(tmp_path):
     """Two processes warm overlapping halves of a corpus into one store at the same time."""
-    procs = [subprocess.Popen([PYTHON, "-c", CONCURRENT, str(tmp_path), a, b], env=python_env(),
+    root, barrier = tmp_path / "store", tmp_path / "sync" / "ready"
+    barrier.parent.mkdir()
+    procs = [subprocess.Popen([PYTHON, "-c", CONCURRENT, str(root), a, b, str(barrier)], env=python_env(),
                               stdout=subprocess.PIPE, text=True) for a, b in (("0", "20"), ("10", "30"))]
     outs = [p.communicate(timeout=120)[0] for p in procs]
     assert all(p.returncode == 0 for p in procs), outs
-    store = DiskStore(tmp_path)
+    store = DiskStore(root)
     assert store.verify() == [], "no corrupt entry"
     assert len(store) == 30, "no lost entry"
-    assert not list(tmp_path.rglob("*.tmp"))
+    assert not list(root.rglob("*.tmp"))
     encoded = sum(int(o.split()[0]) for o in outs)
     assert 30 <= encoded <= 40  # the 10 shared documents may be written by both: harmless
 
