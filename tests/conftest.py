@@ -1,0 +1,9 @@
+import os
+import sys
+from pathlib import Path
+
+# Nothing may download weights: everything runs offline.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+sys.path.insert(0, str(Path(__file__).parent))

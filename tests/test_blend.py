@@ -1,0 +1,111 @@
+"""Correctness of the blend against the exact path (a full prefill), on tiny random models."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kvboost_rag import Segment
+from kvboost_rag.blend import BlendConfig, LayerRunner
+
+from tiny import DOCS, tiny_engine
+
+ARCHITECTURES = ["llama", "qwen2", "qwen3", "mistral", "phi3", "gemma"]
+
+
+def _prompt(engine, order):
+    return ([Segment.text("<|im_start|>user\nRead these.\n\n")]
+            + [s for i in order for s in (Segment.document(DOCS[i]), Segment.text("\n\n"))]
+            + [Segment.text("Question: which city has the Colosseum?<|im_end|>\n<|im_start|>assistant\n")])
+
+
+def _max_kv_diff(a, b):
+    return max(max((la.keys - lb.keys).abs().max().item(), (la.values - lb.values).abs().max().item())
+               for la, lb in zip(a.cache.layers, b.cache.layers))
+
+
+@pytest.mark.parametrize("kind", ARCHITECTURES)
+def test_ratio_one_equals_full_prefill(kind):
+    engine = tiny_engine(kind)
+    engine.warm(DOCS)
+    prompt = _prompt(engine, [2, 0, 3, 1])  # reordered relative to warm order
+    full = engine.prefill(prompt, strategy="full")
+    blended = engine.prefill(prompt, strategy="cacheblend", recompute_ratio=1.0)
+    assert blended.stats["reused_tokens"] == 0 and blended.stats["recomputed_tokens"] > 0
+    assert blended.input_ids == full.input_ids
+    assert _max_kv_diff(full, blended) <= 1e-4
+    assert (full.logits - blended.logits).abs().max().item() <= 1e-4
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2"])
+def test_partial_ratio_recomputes_a_share_and_differs_from_reuse(kind):
+    engine = tiny_engine(kind)
+    engine.warm(DOCS)
+    prompt = _prompt(engine, [3, 1, 2, 0])
+    pre = engine.prefill(prompt, strategy="cacheblend", recompute_ratio=0.3)
+    cached = pre.stats["reused_tokens"] + pre.stats["recomputed_tokens"]
+    assert pre.stats["recomputed_tokens"] == pytest.approx(0.3 * cached, abs=2)
+    assert pre.stats["prompt_tokens"] == cached + pre.stats["fresh_tokens"]
+
+
+def test_reuse_equals_full_when_document_follows_its_encoding_preamble():
+    engine = tiny_engine("llama")
+    engine.warm(DOCS[:1])
+    prompt = [Segment.text(engine.preamble_text), Segment.document(DOCS[0]), Segment.text("\nWhere is Paris?")]
+    full = engine.prefill(prompt, strategy="full")
+    reuse = engine.prefill(prompt, strategy="reuse")
+    assert reuse.stats["reused_tokens"] > 0
+    assert _max_kv_diff(full, reuse) <= 1e-4
+    assert (full.logits - reuse.logits).abs().max().item() <= 1e-4
+
+
+def test_blocked_attention_equals_dense_attention():
+    """The fast path (position-sorted query blocks that skip masked keys) vs one dense block."""
+    engine = tiny_engine("llama")
+    engine.warm(DOCS)
+    prompt = _prompt(engine, [1, 3, 0, 2])
+    results = []
+    for block in (7, 1_000_000):
+        engine.blend_config = BlendConfig(recompute_ratio=0.2, block_size=block)
+        results.append(engine.prefill(prompt))
+    assert _max_kv_diff(*results) <= 1e-5
+    assert (results[0].logits - results[1].logits).abs().max().item() <= 1e-5
+
+
+def test_selected_token_never_attends_to_a_later_position():
+    """Planted case: garbage K/V at positions between two selected tokens of one block must not
+    change the earlier token's output (a bottom-right aligned mask would let it see them)."""
+    engine = tiny_engine("llama")
+    model = engine.model
+    n = 40
+    ids = torch.randint(5, 300, (n,))
+    runner = LayerRunner(model, ids, block_size=64)
+    layers, heads, dim = len(model.model.layers), model.config.num_key_value_heads, 16
+    torch.manual_seed(1)
+    keys = torch.randn(layers, heads, n, dim)
+    values = torch.randn(layers, heads, n, dim)
+    positions = torch.tensor([5, 30])
+    hidden = runner.embeddings[positions]
+    out1 = runner.run(1, hidden, positions, keys.clone(), values.clone())
+    k2, v2 = keys.clone(), values.clone()
+    k2[:, :, 6:30] = 50.0
+    v2[:, :, 6:30] = 1e3
+    out2 = runner.run(1, hidden, positions, k2, v2)
+    assert torch.allclose(out1[0], out2[0], atol=1e-6), "token at position 5 saw a later key"
+    assert not torch.allclose(out1[1], out2[1]), "token at position 30 should see positions 6..29"
+
+
+def test_selection_by_key_and_sinks_run():
+    engine = tiny_engine("llama", selection="key", sink_tokens=4)
+    engine.warm(DOCS)
+    pre = engine.prefill(_prompt(engine, [0, 1, 2, 3]), recompute_ratio=0.1)
+    # 4 documents x 4 sink tokens are always recomputed, plus 10% of the rest
+    assert pre.stats["recomputed_tokens"] >= 16
+
+
+def test_missing_documents_are_fresh_tokens():
+    engine = tiny_engine("llama")
+    engine.warm(DOCS[:2])
+    pre = engine.prefill(_prompt(engine, [0, 1, 2]), strategy="reuse")
+    doc2 = len(engine.tokenize_document(DOCS[2]))
+    assert pre.stats["documents_reused"] == 2
+    assert pre.stats["fresh_tokens"] >= doc2

@@ -1,0 +1,221 @@
+"""Engine behaviour on tiny models: segments, detection, generation, telemetry, bad input."""
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+import transformers
+
+from kvboost_rag import (ContextWindowError, EmptyInputError, InvalidConfigError, KVBoostEngine, MemoryStore, Segment,
+                         UnsupportedModelError)
+from kvboost_rag.model import check_architecture, model_fingerprint
+
+from tiny import DOCS, tiny_config, tiny_engine, tiny_model, tiny_tokenizer
+
+
+@pytest.fixture(scope="module")
+def engine():
+    e = tiny_engine("llama")
+    e.warm(DOCS)
+    return e
+
+
+def explicit_prompt(order):
+    return ([Segment.text("Context:\n")] + [s for i in order for s in (Segment.document(DOCS[i]), Segment.text("\n"))]
+            + [Segment.text("Question: where is the Colosseum?\nAnswer:")])
+
+
+# ---------------------------------------------------------------- segments and detection
+def test_document_ids_at_query_time_equal_warm_time(engine):
+    tokenized = engine.tokenize(explicit_prompt([3, 1, 0]))
+    for start, end, seg in tokenized.documents:
+        chunk = engine.store.get(engine.key_for_text(seg.text), engine.fingerprint)
+        assert list(chunk.token_ids) == tokenized.input_ids[start:end]
+
+
+def test_flat_prompt_detects_warmed_documents(engine):
+    flat = "Context:\n" + "\n".join(DOCS[i] for i in (2, 0)) + "\nQuestion: where is Rome?\nAnswer:"
+    segments = engine.segments(flat)
+    assert [s.text for s in segments if s.is_document] == [DOCS[2], DOCS[0]]
+    assert "".join(s.text for s in segments) == flat
+    result = engine.generate(flat, max_new_tokens=3)
+    assert result.reused_tokens > 0 and result.extra["documents_reused"] == 2
+
+
+def test_detection_survives_a_fresh_engine_on_the_same_store(engine):
+    other = KVBoostEngine(engine.model, engine.tokenizer, store=engine.store)
+    assert len(other.detector) == len(DOCS)
+    flat = "Docs: " + DOCS[1] + " Q?"
+    assert other.generate(flat, max_new_tokens=2).reused_tokens > 0
+
+
+def test_chat_segments_keep_documents_separate(engine):
+    messages = [{"role": "system", "content": "Be brief."},
+                {"role": "user", "content": [Segment.document(DOCS[1]), Segment.document(DOCS[0]), "Which city?"]}]
+    segments = engine.chat_segments(messages)
+    assert [s.text for s in segments if s.is_document] == [DOCS[1], DOCS[0]]
+    flat = "".join(s.text for s in segments)
+    assert flat == engine.tokenizer.apply_chat_template(
+        [{"role": "system", "content": "Be brief."},
+         {"role": "user", "content": DOCS[1] + "\n\n" + DOCS[0] + "\n\nWhich city?"}],
+        tokenize=False, add_generation_prompt=True)
+
+
+# ---------------------------------------------------------------- telemetry and generation
+def test_telemetry_partitions_prompt_tokens(engine):
+    r = engine.generate(explicit_prompt([1, 2, 3]), max_new_tokens=5)
+    assert r.prompt_tokens == r.reused_tokens + r.recomputed_tokens + r.fresh_tokens
+    assert r.reused_tokens > 0 and r.recomputed_tokens > 0 and r.fresh_tokens > 0
+    assert 0 < r.ttft_s <= r.total_s
+    assert r.completion_tokens == len(r.token_ids) <= 5
+    assert r.strategy == "cacheblend" and r.recompute_ratio == 0.15
+
+
+def test_greedy_is_deterministic_and_sampling_follows_seed(engine):
+    p = explicit_prompt([0, 1])
+    assert engine.generate(p, max_new_tokens=6).token_ids == engine.generate(p, max_new_tokens=6).token_ids
+    a = engine.generate(p, max_new_tokens=8, temperature=1.5, top_p=0.9, top_k=50, seed=7)
+    b = engine.generate(p, max_new_tokens=8, temperature=1.5, top_p=0.9, top_k=50, seed=7)
+    assert a.token_ids == b.token_ids
+
+
+def test_stop_sequence_of_several_tokens_cuts_the_answer(engine):
+    p = explicit_prompt([2])
+    free = engine.generate(p, max_new_tokens=12)
+    assert len(free.text) > 4
+    stop = free.text[3:6]  # a multi-character stop string from the middle of the answer
+    stopped = engine.generate(p, max_new_tokens=12, stop=[stop])
+    assert stopped.finish_reason == "stop"
+    assert stopped.text == free.text[: free.text.find(stop)]
+
+
+def test_stream_yields_the_same_text_and_a_result(engine):
+    p = explicit_prompt([3, 0])
+    seen = []
+    stream = engine.stream(p, max_new_tokens=10, on_token=seen.append)
+    deltas = list(stream)
+    assert "".join(deltas) == stream.result.text == engine.generate(p, max_new_tokens=10).text
+    assert seen == deltas
+
+
+def test_eos_from_generation_config_stops():
+    e = tiny_engine("llama")
+    forced = e.generate("Hello there", max_new_tokens=1).token_ids[0]
+    e.eos_ids = {forced}
+    r = e.generate("Hello there", max_new_tokens=5)
+    assert r.finish_reason == "eos" and r.token_ids == []
+
+
+def test_verify_reports_agreement(engine):
+    report = engine.verify([explicit_prompt([1, 0])], n_tokens=6, recompute_ratio=1.0)
+    assert report["top1_agreement"] == 1.0 and report["kl_mean"] < 1e-6
+    report = engine.verify([explicit_prompt([1, 0])], n_tokens=6, strategy="reuse")
+    assert 0.0 <= report["top1_agreement"] <= 1.0 and report["kl_mean"] >= 0.0
+
+
+# ---------------------------------------------------------------- bad input
+def test_empty_prompt_is_refused(engine):
+    with pytest.raises(EmptyInputError):
+        engine.generate("")
+    with pytest.raises(EmptyInputError):
+        engine.generate([])
+
+
+def test_empty_document_is_refused(engine):
+    with pytest.raises(EmptyInputError):
+        engine.generate([Segment.document("   "), Segment.text("Q?")])
+    with pytest.raises(EmptyInputError):
+        engine.encode_batch([""])
+
+
+def test_prompt_over_context_window_is_refused(engine):
+    with pytest.raises(ContextWindowError, match="context window"):
+        engine.generate("word " * 2000, max_new_tokens=4)
+    n = engine.count_tokens(explicit_prompt([0]))
+    with pytest.raises(ContextWindowError):
+        engine.generate(explicit_prompt([0]), max_new_tokens=engine.context_window - n + 1)
+
+
+@pytest.mark.parametrize("ratio", [-0.1, 1.5, float("nan")])
+def test_recompute_ratio_out_of_range_is_refused(engine, ratio):
+    with pytest.raises(InvalidConfigError):
+        engine.generate(explicit_prompt([0]), recompute_ratio=ratio)
+
+
+def test_unknown_strategy_is_refused(engine):
+    with pytest.raises(InvalidConfigError):
+        engine.generate(explicit_prompt([0]), strategy="magic")
+
+
+# ---------------------------------------------------------------- architecture checks
+@pytest.mark.parametrize("config,reason", [
+    (transformers.GPT2Config(n_layer=1), "learned absolute position"),
+    (transformers.BloomConfig(n_layer=1), "ALiBi"),
+    (transformers.MptConfig(n_layers=1), "ALiBi"),
+    (transformers.FalconConfig(num_hidden_layers=1, alibi=True), "ALiBi"),
+    (transformers.MistralConfig(num_hidden_layers=1, sliding_window=4096), "sliding-window"),
+    (transformers.Qwen2Config(num_hidden_layers=1, use_sliding_window=True, sliding_window=128), "sliding-window"),
+    (transformers.Gemma2Config(num_hidden_layers=2), "sliding-window"),
+    (transformers.LlamaConfig(num_hidden_layers=1, rope_parameters={"rope_type": "dynamic", "factor": 2.0,
+                                                                    "rope_theta": 10000.0}), "dynamic"),
+])
+def test_unsupported_architectures_are_refused_with_the_reason(config, reason):
+    with pytest.raises(UnsupportedModelError, match=reason):
+        check_architecture(config)
+
+
+def test_unsupported_model_object_is_refused():
+    torch.manual_seed(0)
+    gpt2 = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=400))
+    with pytest.raises(UnsupportedModelError):
+        KVBoostEngine(gpt2, tiny_tokenizer())
+
+
+def test_untested_architecture_warns_and_points_to_verify():
+    cfg = transformers.OlmoConfig(num_hidden_layers=1)
+    with pytest.warns(UserWarning, match="verify"):
+        check_architecture(cfg)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        check_architecture(tiny_config("llama"))
+
+
+# ---------------------------------------------------------------- fingerprints and the store
+def test_fingerprint_tracks_weights_dtype_rope_and_tokenizer():
+    tok = tiny_tokenizer()
+    base = model_fingerprint(tiny_model("llama", seed=0), tok)
+    assert base == model_fingerprint(tiny_model("llama", seed=0), tok)
+    assert base != model_fingerprint(tiny_model("llama", seed=1), tok)
+    assert base != model_fingerprint(tiny_model("llama", seed=0).to(torch.bfloat16), tok)
+    assert base != model_fingerprint(tiny_model("llama", seed=0, rope_parameters={"rope_type": "default",
+                                                                                   "rope_theta": 500.0}), tok)
+    other_tok = tiny_tokenizer()
+    other_tok.add_tokens(["<extra>"])
+    assert base != model_fingerprint(tiny_model("llama", seed=0), other_tok)
+
+
+def test_store_never_serves_kv_of_another_model():
+    store = MemoryStore()
+    a = tiny_engine("llama", store=store)
+    a.warm(DOCS[:2])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        b = KVBoostEngine(tiny_model("llama", seed=5), tiny_tokenizer(), store=store)
+    key = a.key_for_text(DOCS[0])
+    assert b.key_for_text(DOCS[0]) != key
+    assert b.store.get(key, b.fingerprint) is None  # even asked by a's key
+    r = b.generate([Segment.document(DOCS[0]), Segment.text("Q?")], max_new_tokens=2)
+    assert r.reused_tokens == 0 and r.recomputed_tokens == 0
+
+
+def test_memory_store_evicts_least_recently_used():
+    e = tiny_engine("llama")
+    chunks = e.encode_batch(DOCS[:3])
+    store = MemoryStore(max_bytes=chunks[0].nbytes + chunks[1].nbytes + 10)
+    for i, c in enumerate(chunks[:2]):
+        store.put(f"k{i}", c)
+    assert store.get("k0", e.fingerprint) is not None  # k0 now most recent
+    store.put("k2", chunks[2])
+    assert store.contains("k0", e.fingerprint) and not store.contains("k1", e.fingerprint)
+    assert store.nbytes <= store.max_bytes
