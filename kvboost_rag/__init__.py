@@ -1,31 +1,40 @@
 """kvboost-rag: fast RAG answers from pre-encoded document KV caches.
 
 Data path, top to bottom (one module per step):
-documents -> :mod:`segments` (tokens) -> :mod:`encode` (KV chunks) -> :mod:`store`
+documents -> :mod:`segments` (tokens) -> :mod:`encode` (KV chunks) -> :mod:`store` / :mod:`disk_store`
 -> :mod:`rope` (re-rotation) -> :mod:`blend` (CacheBlend) -> :mod:`generate` (answer).
-:mod:`engine` ties them together.
+:mod:`engine` ties them together; :mod:`warm` is the index-time job.
+
+Names are imported lazily so that ``kvboost-rag --help`` does not pay for importing torch.
 """
-from .blend import BlendConfig
-from .chunk import KVChunk
-from .engine import KVBoostEngine, Prefill, TokenStream, WarmReport
-from .errors import (ContextWindowError, CorruptEntryError, EmptyInputError, InvalidConfigError, KVBoostError,
-                     ModelMismatchError, StoreError, UnsupportedModelError)
-from .generate import GenerationResult, SamplingParams
-from .segments import DocumentDetector, Segment
-from .store import KVStore, MemoryStore
+from __future__ import annotations
+
+import importlib
 
 __version__ = "0.1.0"
 
+_EXPORTS = {
+    "KVBoostEngine": "engine", "Prefill": "engine", "TokenStream": "engine",
+    "BlendConfig": "blend", "KVChunk": "chunk", "GenerationResult": "generate", "SamplingParams": "generate",
+    "Segment": "segments", "DocumentDetector": "segments", "KVStore": "store", "MemoryStore": "store",
+    "DiskStore": "disk_store", "TieredStore": "disk_store", "open_store": "disk_store",
+    "warm_corpus": "warm", "WarmReport": "warm",
+    "KVBoostError": "errors", "UnsupportedModelError": "errors", "ContextWindowError": "errors",
+    "EmptyInputError": "errors", "InvalidConfigError": "errors", "StoreError": "errors",
+    "ModelMismatchError": "errors", "CorruptEntryError": "errors",
+}
 
-def warm_corpus(*args, **kwargs):
-    """Index-time job: encode a corpus into a KV store (see :mod:`kvboost_rag.warm`)."""
-    from .warm import warm_corpus as _warm_corpus
-    return _warm_corpus(*args, **kwargs)
+__all__ = sorted(_EXPORTS) + ["__version__"]
 
 
-__all__ = [
-    "BlendConfig", "KVChunk", "KVBoostEngine", "Prefill", "TokenStream", "WarmReport", "GenerationResult",
-    "SamplingParams", "Segment", "DocumentDetector", "KVStore", "MemoryStore", "warm_corpus",
-    "KVBoostError", "UnsupportedModelError", "ContextWindowError", "EmptyInputError", "InvalidConfigError",
-    "StoreError", "ModelMismatchError", "CorruptEntryError", "__version__",
-]
+def __getattr__(name: str):
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'kvboost_rag' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return __all__

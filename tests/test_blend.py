@@ -109,3 +109,42 @@ def test_missing_documents_are_fresh_tokens():
     doc2 = len(engine.tokenize_document(DOCS[2]))
     assert pre.stats["documents_reused"] == 2
     assert pre.stats["fresh_tokens"] >= doc2
+
+
+def test_fast_value_projection_selects_what_the_full_check_layer_selects(monkeypatch):
+    """The check layer's fast path (V projection only) ranks tokens exactly like running the layer."""
+    from kvboost_rag import blend as blend_mod
+
+    engine = tiny_engine("llama")
+    engine.warm(DOCS)
+    prompt = _prompt(engine, [2, 3, 1, 0])
+    selections = []
+
+    def spy(*args, **kwargs):
+        result = blend_mod.blend(*args, **kwargs)
+        selections.append(result.selected)
+        return result
+
+    monkeypatch.setattr("kvboost_rag.engine.blend", spy)
+    engine.prefill(prompt, recompute_ratio=0.3)  # fast path
+    monkeypatch.setattr(blend_mod.LayerRunner, "projected_values", lambda self, layer_idx, hidden: None)
+    engine.prefill(prompt, recompute_ratio=0.3)  # runs the whole check layer
+    assert selections[0].numel() > 0
+    assert torch.equal(selections[0], selections[1])
+
+
+@pytest.mark.parametrize("kind", ["llama", "phi3"])
+def test_attention_guided_selection(kind):
+    engine = tiny_engine(kind, selection="attention")
+    engine.warm(DOCS)
+    prompt = _prompt(engine, [1, 0, 3, 2])
+    full = engine.prefill(prompt, strategy="full")
+    exact = engine.prefill(prompt, recompute_ratio=1.0)
+    assert (full.logits - exact.logits).abs().max().item() <= 1e-4
+    assert _max_kv_diff(full, exact) <= 1e-4
+    part = engine.prefill(prompt, recompute_ratio=0.25)
+    cached = part.stats["reused_tokens"] + part.stats["recomputed_tokens"]
+    assert part.stats["recomputed_tokens"] == pytest.approx(0.25 * cached, abs=2)
+    reuse = engine.prefill(prompt, strategy="reuse")
+    # recomputing a quarter of the tokens moves the answer distribution toward the full prefill
+    assert (part.logits - full.logits).abs().max() < (reuse.logits - full.logits).abs().max()
