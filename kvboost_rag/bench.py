@@ -40,7 +40,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
 SYSTEM_PROMPT = ("You are a helpful assistant. Answer the question using only the documents "
-                 "provided. Answer briefly.")
+                 "provided. Answer in a few words.")
 DEFAULT_RATIOS = (0.0, 0.05, 0.15, 0.3, 1.0)
 DEFAULT_PLOT_DOCS = (2, 4, 8, 16)
 
@@ -95,8 +95,9 @@ _T975 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 
          2.060, 2.056, 2.052, 2.048, 2.045, 2.042]
 
 
-def mean_ci95(values: Sequence[float]) -> tuple[Optional[float], Optional[list]]:
-    """Mean and a 95% Student-t confidence interval ``[lo, hi]`` (``None`` when n < 2)."""
+def mean_ci95(values: Sequence[float], lower: Optional[float] = None) -> tuple[Optional[float], Optional[list]]:
+    """Mean and a 95% Student-t confidence interval ``[lo, hi]`` (``None`` when n < 2);
+    ``lower`` clips the interval to a known bound (KL >= 0)."""
     vals = [float(v) for v in values if v is not None and not math.isnan(v)]
     if not vals:
         return None, None
@@ -106,7 +107,8 @@ def mean_ci95(values: Sequence[float]) -> tuple[Optional[float], Optional[list]]
     df = len(vals) - 1
     t = _T975[df - 1] if df <= len(_T975) else 1.96
     half = t * statistics.stdev(vals) / math.sqrt(len(vals))
-    return mean, [mean - half, mean + half]
+    lo = mean - half if lower is None else max(lower, mean - half)
+    return mean, [lo, mean + half]
 
 
 def _median(values) -> Optional[float]:
@@ -175,15 +177,13 @@ def build_methods(ratios: Sequence[float]) -> list[Method]:
 
 # --------------------------------------------------------------------------------- prompts
 def build_prompt(engine, doc_texts: Sequence[str], question: str, system: str = SYSTEM_PROMPT):
-    """Explicit segments: system instruction, documents in the given order, then the question."""
+    """Explicit segments: system instruction, documents in the given order, then the question
+    (``chat_segments`` joins the parts of a message with a blank line)."""
     from . import Segment
 
-    content: list = ["Documents:\n\n"]
-    for i, text in enumerate(doc_texts):
-        if i:
-            content.append("\n\n")
-        content.append(Segment.document(text))
-    content.append(f"\n\nQuestion: {question}")
+    content: list = ["Documents:"]
+    content += [Segment.document(text) for text in doc_texts]
+    content.append(f"Question: {question}")
     return engine.chat_segments([{"role": "system", "content": system},
                                  {"role": "user", "content": content}])
 
@@ -348,7 +348,7 @@ class Bench:
     def _generate(self, segments, method: Method):
         results = [self.engine.generate(segments, max_new_tokens=self.answer_tokens, temperature=0.0,
                                         **method.kwargs()) for _ in range(self.repeats)]
-        return results[0], statistics.median(float(r.ttft_s) for r in results)
+        return results[0], [float(r.ttft_s) for r in results]
 
     def run_query(self, segments, methods: Sequence[Method], gold: Optional[str] = None) -> dict:
         """All methods on one prompt: ``full`` first (its greedy answer is the teacher-forcing
@@ -359,9 +359,9 @@ class Bench:
         answer_ids: list = []
         full_text = None
         for method in methods:
-            res, ttft = self._generate(segments, method)
+            res, samples = self._generate(segments, method)
             row: dict = {
-                "ttft_s": ttft,
+                "ttft_s": statistics.median(samples),
                 "text": res.text,
                 "token_ids": list(res.token_ids),
                 "prompt_tokens": int(res.prompt_tokens),
@@ -379,6 +379,9 @@ class Bench:
             if self.fidelity:
                 pre = self.engine.prefill(segments, **method.kwargs())
                 row["prefill_ttft_s"] = float(pre.ttft_s)
+                # the fidelity prefill is one more engine-timed TTFT sample of the same prompt
+                samples.append(float(pre.ttft_s))
+                row["ttft_s"] = statistics.median(samples)
                 logits = self._tf_logits(pre, answer_ids)
                 del pre
                 if method.name == "full":
@@ -387,6 +390,7 @@ class Bench:
                 else:
                     row["kl"], row["top1"] = kl_top1(ref_logits, logits)
                 del logits
+            row["ttft_samples_s"] = samples
             out[method.name] = row
         out["_full_text"] = full_text
         return out
@@ -437,7 +441,7 @@ def summarize(per_query: list[dict], methods: Sequence[Method], *, has_gold: boo
             "fresh_fraction": frac("fresh_tokens"),
         }
         if rows and "kl" in rows[0]:
-            kl_mean, kl_ci = mean_ci95([r["kl"] for r in rows])
+            kl_mean, kl_ci = mean_ci95([r["kl"] for r in rows], lower=0.0)
             entry.update({
                 "top1_agreement": _mean(r["top1"] for r in rows),
                 "kl_mean": kl_mean,

@@ -311,10 +311,13 @@ def test_builtin_real_model_two_queries(tmp_path):
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     out = tmp_path / "real.json"
     t0 = time.perf_counter()
-    assert bench.main(["--max-queries", "2", "--k", "4", "--ratios", "0.15", "--answer-tokens", "16",
+    # full + default (cacheblend @ 0.15) only, 2 documents, short answers: stays well under a minute
+    assert bench.main(["--max-queries", "2", "--k", "2", "--ratios", "", "--answer-tokens", "8",
                        "--no-plot", "--json", str(out), "--quiet"]) == 0
     res = json.loads(out.read_text())
     assert res["n_queries"] == 2 and res["source"].startswith("builtin")
-    assert res["methods"]["cacheblend@0.15"]["top1_agreement"] >= 0.5
+    assert set(res["methods"]) == {"full", "default"}
+    assert res["methods"]["default"]["top1_agreement"] >= 0.5
+    assert res["methods"]["default"]["reused_fraction"] > 0.5
     assert res["retrieval"].startswith("all-MiniLM")
     print(f"integration bench took {time.perf_counter() - t0:.1f}s")
