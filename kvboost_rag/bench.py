@@ -639,8 +639,8 @@ def run_bench(args, *, engine=None) -> dict:
         bench = Bench(engine, answer_tokens=args.answer_tokens, repeats=args.repeats, quiet=args.quiet)
         prompts = [build_prompt(engine, [by_id[d].text for d in q.doc_ids[: args.k]], q.question)
                    for q in queries]
-        # one discarded warm-up round
-        bench.run_query(prompts[0], methods, gold=None)
+        for _ in range(args.warmup):          # discarded warm-up round(s)
+            bench.run_query(prompts[0], methods, gold=None)
         per_query = []
         for i, (q, segs) in enumerate(zip(queries, prompts)):
             t0 = time.perf_counter()
@@ -687,6 +687,8 @@ def run_bench(args, *, engine=None) -> dict:
         "n_queries": len(per_query),
         "docs_per_query": args.k,
         "answer_tokens": args.answer_tokens,
+        "warmup_rounds": args.warmup,
+        "repeats": args.repeats,
         "context_tokens_median": _median(q["context_tokens"] for q in per_query),
         "timings_s": {"load": load_s, "retrieve": retrieve_s, "warm": warm_s},
         "warm_report": _jsonable(warm),
@@ -768,7 +770,8 @@ def run_random_bench(args, *, engine=None) -> dict:
         warm = engine.warm(pool)
         warm_s = time.perf_counter() - t0
         prompts = [build_prompt(engine, [pool[i] for i in ids[: args.k]], qq) for qq, ids in queries]
-        bench.ttft_only(prompts[0], methods)          # discarded warm-up round
+        for _ in range(args.warmup):          # discarded warm-up round(s)
+            bench.ttft_only(prompts[0], methods)
         per_query = []
         for qi, segs in enumerate(prompts):
             res = bench.ttft_only(segs, methods)
@@ -831,6 +834,8 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
     s.add_argument("--answer-tokens", type=int, default=32, help="greedy answer length (default 32)")
     s.add_argument("--repeats", type=int, default=1, help="generate calls per method and prompt; "
                    "TTFT is their median (default 1)")
+    s.add_argument("--warmup", type=int, default=1, help="discarded warm-up rounds over the first "
+                   "prompt before measuring (default 1)")
     s.add_argument("--cold", action="store_true", help="fetch KV from a disk store (DiskStore), not memory")
     s.add_argument("--kv-bits", type=int, choices=(4, 8, 16), default=None,
                    help="store KV quantized (DiskStore kv_bits)")
@@ -867,7 +872,7 @@ def run_from_args(args, *, engine=None) -> int:
     """Run the benchmark for parsed arguments (``engine``: reuse an already-built engine)."""
     for k, v in dict(corpus=None, queries=None, k=8, max_queries=None, model=None, device="auto",
                      dtype=None, random_weights=None, doc_tokens=350, question_tokens=24,
-                     ratios="0,0.05,0.15,0.3,1", answer_tokens=32, repeats=1, cold=False,
+                     ratios="0,0.05,0.15,0.3,1", answer_tokens=32, repeats=1, warmup=1, cold=False,
                      kv_bits=None, store_dir=None, seed=0, json=None, plot_dir=None,
                      plot_docs="2,4,8,16", plot_ratio=0.15, plot_queries=3, no_plot=False,
                      quiet=False).items():
@@ -876,6 +881,8 @@ def run_from_args(args, *, engine=None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if args.k < 1:
         raise SystemExit("bench: --k must be >= 1")
+    if args.warmup < 0 or args.repeats < 1 or args.answer_tokens < 1:
+        raise SystemExit("bench: --warmup must be >= 0, --repeats and --answer-tokens >= 1")
     if not 0.0 <= args.plot_ratio <= 1.0:
         raise SystemExit("bench: --plot-ratio must be in [0, 1]")
     try:

@@ -312,8 +312,8 @@ def test_builtin_real_model_two_queries(tmp_path):
     out = tmp_path / "real.json"
     t0 = time.perf_counter()
     # full + default (cacheblend @ 0.15) only, 2 documents, short answers: stays well under a minute
-    assert bench.main(["--max-queries", "2", "--k", "2", "--ratios", "", "--answer-tokens", "8",
-                       "--no-plot", "--json", str(out), "--quiet"]) == 0
+    assert bench.main(["--max-queries", "2", "--k", "2", "--ratios", "", "--answer-tokens", "4",
+                       "--warmup", "0", "--no-plot", "--json", str(out), "--quiet"]) == 0
     res = json.loads(out.read_text())
     assert res["n_queries"] == 2 and res["source"].startswith("builtin")
     assert set(res["methods"]) == {"full", "default"}
