@@ -321,3 +321,15 @@ def test_builtin_real_model_two_queries(tmp_path):
     assert res["methods"]["default"]["reused_fraction"] > 0.5
     assert res["retrieval"].startswith("all-MiniLM")
     print(f"integration bench took {time.perf_counter() - t0:.1f}s")
+
+
+def test_run_bench_wrapper_passes_through(capsys):
+    import importlib.util
+    spec = importlib.util.spec_from_file_location(
+        "run_bench", Path(__file__).parent.parent / "benchmarks" / "run_bench.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    with pytest.raises(SystemExit) as exc:
+        mod.main(["--help"])
+    assert exc.value.code == 0
+    assert "--plot-docs" in capsys.readouterr().out
