@@ -333,3 +333,17 @@ def test_run_bench_wrapper_passes_through(capsys):
         mod.main(["--help"])
     assert exc.value.code == 0
     assert "--plot-docs" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("flags,store", [(["--cold"], "DiskStore"), (["--cold", "--kv-bits", "8"], "DiskStore"),
+                                         (["--kv-bits", "4"], "TieredStore")])
+def test_random_weights_disk_stores(tmp_path, flags, store):
+    _engine_available()
+    out = tmp_path / "r.json"
+    assert bench.main(["--random-weights", "tiny", "--device", "cpu", "--max-queries", "1", "--k", "2",
+                       "--doc-tokens", "16", "--ratios", "0.15", "--no-plot", "--store-dir",
+                       str(tmp_path / "store"), "--json", str(out), "--quiet", *flags]) == 0
+    res = json.loads(out.read_text())
+    assert res["store"].startswith(store)
+    assert res["methods"]["cacheblend@0.15"]["reused_fraction"] > 0
+    assert list((tmp_path / "store").rglob("*.safetensors"))
