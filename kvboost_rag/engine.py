@@ -46,7 +46,9 @@ class Prefill:
 
 
 class TokenStream:
-    """Iterate to get text deltas as they are generated; ``.result`` once exhausted."""
+    """Iterate to get text deltas as they are generated; ``.result`` once exhausted.
+
+    Abandoning a stream early is safe; ``close()`` (or a ``with`` block) ends it at once."""
 
     def __init__(self, events: Iterator[str], holder: dict) -> None:
         self._events = events
@@ -57,6 +59,15 @@ class TokenStream:
 
     def __next__(self) -> str:
         return next(self._events)
+
+    def close(self) -> None:
+        self._events.close()
+
+    def __enter__(self) -> "TokenStream":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     @property
     def result(self) -> Optional[GenerationResult]:
@@ -339,16 +350,17 @@ class KVBoostEngine:
         ids: list[int] = []
         text_parts: list[str] = []
         finish = "length"
-        with self._lock:
-            for token, delta, reason in decode(self.model, self.tokenizer, pre.cache, pre.logits, len(pre.input_ids),
-                                               params, self.eos_ids):
-                if reason != "eos":
-                    ids.append(token)
-                if delta:
-                    text_parts.append(delta)
-                    yield delta, None
-                if reason is not None:
-                    finish = reason
+        # The lock is held per model call, never across a yield: a consumer may stop reading
+        # (or drop the stream in another thread) at any time.
+        for token, delta, reason in decode(self.model, self.tokenizer, pre.cache, pre.logits, len(pre.input_ids),
+                                           params, self.eos_ids, step_lock=self._lock):
+            if reason != "eos":
+                ids.append(token)
+            if delta:
+                text_parts.append(delta)
+                yield delta, None
+            if reason is not None:
+                finish = reason
         total = time.perf_counter() - t0
         decode_s = max(total - pre.ttft_s, 1e-9)
         s = pre.stats

@@ -5,6 +5,7 @@ decode loop, so both paths share it and differ only in how the prompt's KV was o
 """
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Iterator, Optional, Sequence
@@ -145,12 +146,14 @@ class TextAssembler:
 
 @torch.inference_mode()
 def decode(model, tokenizer, cache, first_logits: torch.Tensor, start_position: int, params: SamplingParams,
-           eos_ids: set[int]) -> Iterator[tuple[int, str, Optional[str]]]:
+           eos_ids: set[int], step_lock=None) -> Iterator[tuple[int, str, Optional[str]]]:
     """Yield ``(token_id, text_delta, finish_reason_or_None)`` for each generated token.
 
     ``cache`` holds the prompt's KV (a transformers DynamicCache); it grows as we decode.
-    The last tuple carries the finish reason and any held-back text.
+    The last tuple carries the finish reason and any held-back text. ``step_lock`` (if given)
+    is held around each model call only, never while the caller consumes a token.
     """
+    lock = step_lock if step_lock is not None else contextlib.nullcontext()
     device = first_logits.device
     generator = None
     if params.seed is not None:
@@ -171,12 +174,13 @@ def decode(model, tokenizer, cache, first_logits: torch.Tensor, start_position: 
             yield token, delta + assembler.flush(), "length"
             return
         yield token, delta, None
-        out = model(
-            input_ids=torch.tensor([[token]], device=device),
-            position_ids=torch.tensor([[position]], device=device),
-            past_key_values=cache,
-            use_cache=True,
-        )
+        with lock, torch.inference_mode():
+            out = model(
+                input_ids=torch.tensor([[token]], device=device),
+                position_ids=torch.tensor([[position]], device=device),
+                past_key_values=cache,
+                use_cache=True,
+            )
         logits = out.logits[0, -1]
         position += 1
 

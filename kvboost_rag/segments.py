@@ -66,11 +66,15 @@ def normalize_segments(prompt: Prompt, detector: "DocumentDetector | None" = Non
         if not prompt:
             raise EmptyInputError("The prompt is empty.")
         return detector.split(prompt) if detector is not None else [Segment("text", prompt)]
-    segments = [s if isinstance(s, Segment) else Segment("text", str(s)) for s in prompt]
-    for s in segments:
-        if s.is_document and not s.text.strip():
+    segments: list[Segment] = []
+    for part in prompt:
+        seg = part if isinstance(part, Segment) else Segment("text", str(part))
+        if seg.is_document and not seg.text.strip():
             raise EmptyInputError("A document segment is empty; drop it or give it text.")
-    segments = [s for s in segments if s.text]
+        if not seg.text:
+            continue
+        # Warmed documents pasted into text segments are found there too.
+        segments.extend(detector.split(seg.text) if detector is not None and not seg.is_document else [seg])
     if not segments:
         raise EmptyInputError("The prompt is empty.")
     return segments

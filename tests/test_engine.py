@@ -219,3 +219,23 @@ def test_memory_store_evicts_least_recently_used():
     store.put("k2", chunks[2])
     assert store.contains("k0", e.fingerprint) and not store.contains("k1", e.fingerprint)
     assert store.nbytes <= store.max_bytes
+
+
+def test_abandoned_stream_does_not_block_other_threads(engine):
+    import threading
+
+    stream = engine.stream(explicit_prompt([0]), max_new_tokens=20)
+    next(iter(stream))  # start decoding, then walk away
+    done = []
+    worker = threading.Thread(target=lambda: done.append(engine.generate(explicit_prompt([1]), max_new_tokens=3)))
+    worker.start()
+    worker.join(timeout=60)
+    assert done, "another thread could not generate while a stream was left open"
+    with engine.stream(explicit_prompt([2]), max_new_tokens=20) as s2:
+        next(iter(s2))
+    assert s2.result is None  # closed before the end: no result
+
+
+def test_detection_inside_text_segments_of_a_list(engine):
+    segments = engine.segments([Segment.text("Intro\n" + DOCS[3] + "\nmore"), Segment.document(DOCS[0])])
+    assert [s.text for s in segments if s.is_document] == [DOCS[3], DOCS[0]]
