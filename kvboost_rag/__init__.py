@@ -14,7 +14,7 @@ import importlib
 __version__ = "0.1.0"
 
 _EXPORTS = {
-    "KVBoostEngine": "engine", "Prefill": "engine", "TokenStream": "engine",
+    "KVBoostEngine": "engine", "Prefill": "engine", "TokenStream": "streaming",
     "BlendConfig": "blend", "KVChunk": "chunk", "GenerationResult": "generate", "SamplingParams": "generate",
     "Segment": "segments", "DocumentDetector": "segments", "KVStore": "store", "MemoryStore": "store",
     "DiskStore": "disk_store", "TieredStore": "disk_store", "open_store": "disk_store",

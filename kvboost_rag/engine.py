@@ -27,6 +27,7 @@ from .rope import RopeRotator
 from .segments import (DocumentDetector, Prompt, Segment, TokenizedPrompt, normalize_segments, tokenize_segments,
                        tokenize_text)
 from .store import KVStore, MemoryStore
+from .streaming import TokenStream
 
 
 STRATEGIES = ("full", "reuse", "cacheblend")
@@ -43,35 +44,6 @@ class Prefill:
     logits: torch.Tensor
     ttft_s: float
     stats: dict
-
-
-class TokenStream:
-    """Iterate to get text deltas as they are generated; ``.result`` once exhausted.
-
-    Abandoning a stream early is safe; ``close()`` (or a ``with`` block) ends it at once."""
-
-    def __init__(self, events: Iterator[str], holder: dict) -> None:
-        self._events = events
-        self._holder = holder
-
-    def __iter__(self) -> Iterator[str]:
-        return self._events
-
-    def __next__(self) -> str:
-        return next(self._events)
-
-    def close(self) -> None:
-        self._events.close()
-
-    def __enter__(self) -> "TokenStream":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-    @property
-    def result(self) -> Optional[GenerationResult]:
-        return self._holder.get("result")
 
 
 class KVBoostEngine:
@@ -386,27 +358,33 @@ class KVBoostEngine:
                 result = res
         return result
 
-    def stream(self, prompt: Prompt, **kwargs) -> TokenStream:
-        """Like :meth:`generate`, but yields text deltas as they come; ``.result`` at the end."""
+    def stream(self, prompt: Prompt, *, timeout: Optional[float] = None, **kwargs) -> TokenStream:
+        """Like :meth:`generate`, but yields text deltas as they come; ``.result`` at the end.
+
+        Nothing runs until the stream is iterated (``for`` in this thread, ``async for`` in a
+        worker thread). ``timeout`` bounds the whole generation; ``cancel()`` stops it."""
         on_token = kwargs.pop("on_token", None)
-        holder: dict = {}
         params = SamplingParams(kwargs.pop("max_new_tokens", 128), kwargs.pop("temperature", 0.0),
                                 kwargs.pop("top_p", 1.0), kwargs.pop("top_k", 0), kwargs.pop("seed", None),
                                 tuple(kwargs.pop("stop", None) or ()))
         strategy, ratio = kwargs.pop("strategy", None), kwargs.pop("recompute_ratio", None)
         if kwargs:
             raise TypeError(f"unexpected arguments: {sorted(kwargs)}")
+        return TokenStream(lambda: self._run(prompt, params, strategy, ratio), timeout=timeout, on_token=on_token)
 
-        def events() -> Iterator[str]:
-            for delta, res in self._run(prompt, params, strategy, ratio):
-                if res is not None:
-                    holder["result"] = res
-                if delta:
-                    if on_token is not None:
-                        on_token(delta)
-                    yield delta
+    _shared: dict = {}
+    _shared_lock = threading.Lock()
 
-        return TokenStream(events(), holder)
+    @classmethod
+    def shared(cls, model: Union[str, os.PathLike, None] = None, **kwargs) -> "KVBoostEngine":
+        """One engine per (model, options) in this process: framework classes built from a model
+        id share a single loaded model instead of loading one each."""
+        key = (str(model), tuple(sorted((k, repr(v)) for k, v in kwargs.items())))
+        with cls._shared_lock:
+            engine = cls._shared.get(key)
+            if engine is None:
+                engine = cls._shared[key] = cls.from_pretrained(model, **kwargs)
+            return engine
 
     # ------------------------------------------------------------------ fidelity
     @torch.inference_mode()

@@ -239,3 +239,31 @@ def test_abandoned_stream_does_not_block_other_threads(engine):
 def test_detection_inside_text_segments_of_a_list(engine):
     segments = engine.segments([Segment.text("Intro\n" + DOCS[3] + "\nmore"), Segment.document(DOCS[0])])
     assert [s.text for s in segments if s.is_document] == [DOCS[3], DOCS[0]]
+
+
+def test_stream_timeout_and_cancel(engine):
+    with pytest.raises(TimeoutError):
+        for _ in engine.stream(explicit_prompt([0]), max_new_tokens=50, timeout=1e-9):
+            pass
+    stream = engine.stream(explicit_prompt([0]), max_new_tokens=50)
+    first = next(stream)
+    stream.cancel()
+    assert list(stream) == [] and first
+
+
+async def test_async_stream_does_not_block_the_loop(engine):
+    import asyncio
+
+    ticks = []
+
+    async def ticker():
+        while True:
+            ticks.append(1)
+            await asyncio.sleep(0.001)
+
+    task = asyncio.create_task(ticker())
+    stream = engine.stream(explicit_prompt([1, 2]), max_new_tokens=8)
+    deltas = [d async for d in stream]
+    task.cancel()
+    assert "".join(deltas) == stream.result.text
+    assert len(ticks) > 3
