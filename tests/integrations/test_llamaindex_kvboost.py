@@ -1,8 +1,6 @@
 """LlamaIndex KVBoostLLM, KVBoostSynthesizer and KVBoostWarmer on the tiny random model."""
 from __future__ import annotations
 
-import asyncio
-
 import pytest
 from llama_index.core import Document, VectorStoreIndex
 from llama_index.core.base.llms.types import ChatMessage, CitableBlock, ImageBlock, MessageRole, TextBlock
@@ -12,6 +10,7 @@ from llama_index.core.node_parser import SentenceSplitter
 from llama_index.core.query_engine import RetrieverQueryEngine
 from llama_index.core.schema import MetadataMode
 
+from kvb_models import SlowEngine, drain_while_ticking
 from llama_index.llms.kvboost import KVBoostLLM, KVBoostSynthesizer, KVBoostWarmer, TelemetryRecorder, message_to_engine
 
 EMBED = MockEmbedding(embed_dim=8)
@@ -37,6 +36,18 @@ def test_metadata(tiny_engine):
     assert meta.context_window == tiny_engine.context_window == 1024
     assert meta.num_output == 7 and meta.is_chat_model and meta.model_name == "tiny-random-llama"
     assert KVBoostLLM(model_id="x/y", context_window=99).model_label == "x/y"
+
+
+def test_lazy_llms_share_one_engine(tiny_engine, monkeypatch):
+    from kvboost_rag import KVBoostEngine
+
+    calls = []
+    fake = staticmethod(lambda model=None, **kwargs: calls.append(model) or tiny_engine)
+    monkeypatch.setattr(KVBoostEngine, "from_pretrained", fake)
+    monkeypatch.setattr(KVBoostEngine, "_shared", {})
+    first, second = (KVBoostLLM(model_id="some/model", engine_kwargs={"device": "cpu"}) for _ in range(2))
+    assert first.engine is None and first.model_label == "some/model" and calls == []
+    assert first.load_engine() is second.load_engine() is tiny_engine and calls == ["some/model"]
 
 
 def test_message_translation(docs):
@@ -65,20 +76,9 @@ def test_complete_chat_and_streams(tiny_engine, docs):
 
 
 async def test_async_variants_do_not_block(tiny_engine, docs):
-    from test_langchain_kvboost import SlowEngine
-
     llm = KVBoostLLM(engine=SlowEngine(tiny_engine, 0.05), max_new_tokens=6)
-    ticks = 0
-
-    async def ticker():
-        nonlocal ticks
-        while True:
-            await asyncio.sleep(0.005)
-            ticks += 1
-
-    task = asyncio.create_task(ticker())
-    chunks = [r async for r in await llm.astream_chat([ChatMessage(role=MessageRole.USER, content="Hello")])]
-    task.cancel()
+    stream = await llm.astream_chat([ChatMessage(role=MessageRole.USER, content="Hello")])
+    chunks, ticks = await drain_while_ticking(stream)
     assert ticks >= 20
     assert chunks[-1].message.content == "".join(c.delta for c in chunks)
     fast = KVBoostLLM(engine=tiny_engine, max_new_tokens=4)

@@ -10,7 +10,6 @@ tokens) is in ``additional_kwargs`` of every final response.
 from __future__ import annotations
 
 import asyncio
-import threading
 from typing import Any, Optional, Sequence
 
 from llama_index.core.base.llms.types import (
@@ -34,16 +33,14 @@ from llama_index.core.bridge.pydantic import Field
 from llama_index.core.llms.callbacks import llm_chat_callback, llm_completion_callback
 from llama_index.core.llms.custom import CustomLLM
 
-from kvboost_rag import Segment
-
-from ._stream import EngineStream, aiter_in_thread
+from kvboost_rag import KVBoostEngine, Segment
+from kvboost_rag.streaming import TokenStream
 
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 
 _ROLES = {"chatbot": "assistant", "model": "assistant", "developer": "system", "function": "tool"}
 _MEDIA = (ImageBlock, AudioBlock, VideoBlock, DocumentBlock)
 _CALL_OVERRIDES = ("temperature", "max_new_tokens", "top_p", "top_k", "seed", "stop", "strategy", "recompute_ratio")
-_LOAD_LOCK = threading.Lock()
 
 
 def message_to_engine(message: ChatMessage) -> dict:
@@ -106,7 +103,7 @@ class KVBoostLLM(CustomLLM):
     """
 
     model_id: Optional[str] = Field(default=None, description="HF id, local folder or .gguf file; None = engine default.")
-    engine_kwargs: dict = Field(default_factory=dict, description="Passed to KVBoostEngine.from_pretrained.")
+    engine_kwargs: dict = Field(default_factory=dict, description="Passed to KVBoostEngine.shared (from_pretrained).")
     engine: Any = Field(default=None, exclude=True, description="A loaded KVBoostEngine (lazily loaded if None).")
     context_window: Optional[int] = Field(default=None, description="Override of the engine's context window.")
     max_new_tokens: int = Field(default=256, description="Maximum tokens generated per call (metadata.num_output).")
@@ -123,20 +120,15 @@ class KVBoostLLM(CustomLLM):
         return "KVBoostLLM"
 
     def load_engine(self):
-        """The engine, loading it now if this LLM was configured lazily."""
+        """The engine, loading it now if lazy: one per (model, options) per process, shared."""
         if self.engine is None:
-            with _LOAD_LOCK:
-                if self.engine is None:
-                    from kvboost_rag import KVBoostEngine
-
-                    self.engine = KVBoostEngine.from_pretrained(self.model_id, **self.engine_kwargs)
+            self.engine = KVBoostEngine.shared(self.model_id, **self.engine_kwargs)
         return self.engine
 
     @property
     def model_label(self) -> str:
-        if self.engine is not None:
-            return str(getattr(self.engine, "model_name", None) or DEFAULT_MODEL_NAME)
-        return self.model_id or DEFAULT_MODEL_NAME
+        name = self.model_id if self.engine is None else getattr(self.engine, "model_name", None)
+        return str(name or DEFAULT_MODEL_NAME)
 
     @property
     def metadata(self) -> LLMMetadata:
@@ -162,29 +154,29 @@ class KVBoostLLM(CustomLLM):
                 out[name] = params[name]
         return out
 
-    def _chat_stream(self, messages: Sequence[ChatMessage], kwargs: dict) -> EngineStream:
+    def _chat_stream(self, messages: Sequence[ChatMessage], kwargs: dict) -> TokenStream:
         engine = self.load_engine()
         prompt = engine_prompt(engine.chat_segments([message_to_engine(m) for m in messages]))
-        return EngineStream(engine, prompt, self._gen_kwargs(kwargs))
+        return engine.stream(prompt, **self._gen_kwargs(kwargs))
 
-    def _completion_stream(self, prompt: str, formatted: bool, kwargs: dict) -> EngineStream:
+    def _completion_stream(self, prompt: str, formatted: bool, kwargs: dict) -> TokenStream:
         """``formatted=True`` sends the prompt as is; otherwise it is one user turn of the chat template."""
         engine = self.load_engine()
         if not formatted:
             return self._chat_stream([ChatMessage(role=MessageRole.USER, content=prompt)], kwargs)
-        return EngineStream(engine, prompt, self._gen_kwargs(kwargs))
+        return engine.stream(prompt, **self._gen_kwargs(kwargs))
 
     async def _ensure_loaded(self) -> None:
         if self.engine is None:  # a lazy load takes seconds: keep it off the event loop
             await asyncio.get_running_loop().run_in_executor(None, self.load_engine)
 
-    def _completion(self, stream: EngineStream) -> CompletionResponse:
+    def _completion(self, stream: TokenStream) -> CompletionResponse:
         for _ in stream:
             pass
         result = stream.result
         return CompletionResponse(text=result.text, additional_kwargs=telemetry(result, self.model_label))
 
-    def _chat(self, stream: EngineStream) -> ChatResponse:
+    def _chat(self, stream: TokenStream) -> ChatResponse:
         return self._to_chat(self._completion(stream))
 
     @staticmethod
@@ -192,7 +184,7 @@ class KVBoostLLM(CustomLLM):
         return ChatResponse(message=ChatMessage(role=MessageRole.ASSISTANT, content=response.text),
                             delta=response.delta, additional_kwargs=response.additional_kwargs)
 
-    def _stream_completion(self, stream: EngineStream) -> CompletionResponseGen:
+    def _stream_completion(self, stream: TokenStream) -> CompletionResponseGen:
         text = ""
         for delta in stream:
             text += delta
@@ -201,9 +193,9 @@ class KVBoostLLM(CustomLLM):
         # Closing response: the engine's final text (stop sequences trimmed) and its telemetry.
         yield CompletionResponse(text=result.text, delta="", additional_kwargs=telemetry(result, self.model_label))
 
-    async def _astream_completion(self, stream: EngineStream) -> CompletionResponseAsyncGen:
+    async def _astream_completion(self, stream: TokenStream) -> CompletionResponseAsyncGen:
         text = ""
-        async for delta in aiter_in_thread(stream):
+        async for delta in stream:
             text += delta
             yield CompletionResponse(text=text, delta=delta)
         result = stream.result
