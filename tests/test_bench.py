@@ -31,6 +31,13 @@ def test_token_f1_exact_partial_and_zero():
     assert bench.token_f1("radix 10 always", "radix 10") == pytest.approx(0.8)
 
 
+def test_contains_answer():
+    assert bench.contains_answer('It raises "AssertionError" at once.', "AssertionError") == 1.0
+    assert bench.contains_answer("x < y and y <= z holds", "x < y and y <= z") == 1.0
+    assert bench.contains_answer("AssertionErrors", "AssertionError") == 0.0
+    assert bench.contains_answer("anything", "") == 0.0
+
+
 def test_normalize_answer():
     assert bench.normalize_answer("  The   (Pdb) prompt! ") == "pdb prompt"
 
@@ -243,7 +250,7 @@ def _engine_available():
 
 
 METHOD_KEYS = {"strategy", "recompute_ratio", "ttft_median_s", "speedup_vs_full", "top1_agreement",
-               "kl_mean", "kl_ci95", "greedy_exact_match", "answer_f1", "reused_fraction",
+               "kl_mean", "kl_ci95", "greedy_exact_match", "answer_f1", "answer_contains_gold", "reused_fraction",
                "recomputed_fraction"}
 
 
