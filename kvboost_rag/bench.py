@@ -457,7 +457,7 @@ def summarize(per_query: list[dict], methods: Sequence[Method], *, has_gold: boo
                 "kl_ci95": kl_ci,
                 "greedy_exact_match": _mean(r["exact_match"] for r in rows),
                 "answer_f1": _mean(r["f1"] for r in rows) if has_gold else None,
-                "answer_contains_gold": _mean(r["contains_answer"] for r in rows) if has_gold else None,
+                "answer_contains_gold": _mean(r.get("contains_answer") for r in rows) if has_gold else None,
             })
         if rows and "prefill_ttft_s" in rows[0]:
             entry["prefill_ttft_median_s"] = _median(r["prefill_ttft_s"] for r in rows)
