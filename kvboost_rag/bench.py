@@ -37,7 +37,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Optional, Sequence
 
 SYSTEM_PROMPT = ("You are a helpful assistant. Answer the question using only the documents "
                  "provided. Answer in a few words.")
