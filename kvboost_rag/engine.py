@@ -56,7 +56,7 @@ class KVBoostEngine:
 
     def __init__(self, model, tokenizer, store: Optional[KVStore] = None, *, strategy: str = "cacheblend",
                  recompute_ratio: float = 0.15, selection: str = "value", check_layer: int = 1,
-                 sink_tokens: int = 0, block_size: int = 256, preamble: Optional[str] = None,
+                 sink_tokens: int = 0, block_size: int = 64, preamble: Optional[str] = None,
                  model_name: Optional[str] = None) -> None:
         check_architecture(model.config, warn_untested=True)
         check_model_layout(model)

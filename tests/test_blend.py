@@ -78,7 +78,7 @@ def test_selected_token_never_attends_to_a_later_position():
     model = engine.model
     n = 40
     ids = torch.randint(5, 300, (n,))
-    runner = LayerRunner(model, ids, block_size=64)
+    runner = LayerRunner(model, ids, block_size=64)  # both tokens in one query block
     layers, heads, dim = len(model.model.layers), model.config.num_key_value_heads, 16
     torch.manual_seed(1)
     keys = torch.randn(layers, heads, n, dim)
