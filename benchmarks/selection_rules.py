@@ -30,7 +30,9 @@ RULES = {
     "key@0.15+sinks4": dict(selection="key", recompute_ratio=0.15, sink_tokens=4),
     "attention@0.15": dict(selection="attention", recompute_ratio=0.15),
     "attention@0.15+sinks4": dict(selection="attention", recompute_ratio=0.15, sink_tokens=4),
+    "attention@0.1+sinks4": dict(selection="attention", recompute_ratio=0.1, sink_tokens=4),
     "attention@0.2": dict(selection="attention", recompute_ratio=0.2),
+    "attention@0.2+sinks4": dict(selection="attention", recompute_ratio=0.2, sink_tokens=4),
 }
 
 
@@ -55,8 +57,8 @@ def main() -> None:
         rng.shuffle(ids)
         prompt = build_prompt(engine, [by_id[i].text for i in ids], q.question)
         answer, ref = greedy_reference(engine, prompt, 32)
+        full_ttft = engine.prefill(prompt, strategy="full").ttft_s
         for name, kw in rules.items():
-            full_ttft = engine.prefill(prompt, strategy="full").ttft_s
             engine.blend_config = BlendConfig(**kw)
             pre = engine.prefill(prompt)
             test = engine.teacher_forced_logits(pre, answer)

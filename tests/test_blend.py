@@ -37,8 +37,9 @@ def test_ratio_one_equals_full_prefill(kind):
 
 
 @pytest.mark.parametrize("kind", ["llama", "qwen2"])
-def test_partial_ratio_recomputes_a_share_and_differs_from_reuse(kind):
-    engine = tiny_engine(kind)
+@pytest.mark.parametrize("selection", ["value", "key", "attention"])
+def test_partial_ratio_recomputes_the_requested_share(kind, selection):
+    engine = tiny_engine(kind, selection=selection, sink_tokens=0)
     engine.warm(DOCS)
     prompt = _prompt(engine, [3, 1, 2, 0])
     pre = engine.prefill(prompt, strategy="cacheblend", recompute_ratio=0.3)
@@ -115,7 +116,7 @@ def test_fast_value_projection_selects_what_the_full_check_layer_selects(monkeyp
     """The check layer's fast path (V projection only) ranks tokens exactly like running the layer."""
     from kvboost_rag import blend as blend_mod
 
-    engine = tiny_engine("llama")
+    engine = tiny_engine("llama", selection="value", sink_tokens=0)
     engine.warm(DOCS)
     prompt = _prompt(engine, [2, 3, 1, 0])
     selections = []
@@ -135,7 +136,7 @@ def test_fast_value_projection_selects_what_the_full_check_layer_selects(monkeyp
 
 @pytest.mark.parametrize("kind", ["llama", "phi3"])
 def test_attention_guided_selection(kind):
-    engine = tiny_engine(kind, selection="attention")
+    engine = tiny_engine(kind, selection="attention", sink_tokens=0)
     engine.warm(DOCS)
     prompt = _prompt(engine, [1, 0, 3, 2])
     full = engine.prefill(prompt, strategy="full")
