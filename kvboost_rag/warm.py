@@ -227,6 +227,14 @@ def _encode_and_store(engine: Any, store: Any, batch: Sequence[Tuple[CorpusDoc, 
 
 
 # ---------------------------------------------------------------- public
+def _interrupted(exc: KeyboardInterrupt, report: "WarmReport", t0: float) -> KeyboardInterrupt:
+    """Ctrl-C: mark the partial report and attach it to the exception being re-raised."""
+    report.interrupted = True
+    report.seconds = time.perf_counter() - t0
+    exc.report = report  # type: ignore[attr-defined]
+    return exc
+
+
 def warm_corpus(
     documents: Any,
     engine_or_model: Any = None,
@@ -300,10 +308,7 @@ def warm_corpus(
             if on_batch is not None:
                 on_batch(batch_rows)
     except KeyboardInterrupt as exc:
-        report.interrupted = True
-        report.seconds = time.perf_counter() - t0
-        exc.report = report  # type: ignore[attr-defined]
-        raise
+        raise _interrupted(exc, report, t0)
     finally:
         if bar is not None:
             bar.close()
@@ -409,10 +414,7 @@ def _warm_ray(documents: Any, model_spec: Any, store: Any, *, batch_size: int, r
                 if on_batch is not None:
                     on_batch([row])
         except KeyboardInterrupt as exc:
-            report.interrupted = True
-            report.seconds = time.perf_counter() - t0
-            exc.report = report  # type: ignore[attr-defined]
-            raise
+            raise _interrupted(exc, report, t0)
         finally:
             bar.close()
     report.seconds = time.perf_counter() - t0

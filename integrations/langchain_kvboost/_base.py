@@ -110,18 +110,6 @@ class KVBoostParams(BaseModel):
         return out
 
 
-def engine_prompt(segments: list) -> Any:
-    """The rendered chat as the engine should get it.
-
-    With explicit document segments, the segments. Without, the flat rendered string: the
-    engine's automatic detection of warmed documents runs on flat strings, which is how stock
-    chains that paste documents into a prompt get their KV reused.
-    """
-    if any(segment.is_document for segment in segments):
-        return segments
-    return "".join(segment.text for segment in segments)
-
-
 def usage_metadata(result: Any) -> dict:
     """LangChain ``UsageMetadata``: reused KV tokens are reported as ``cache_read`` input tokens."""
     return {

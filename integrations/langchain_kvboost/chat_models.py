@@ -21,7 +21,7 @@ from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResu
 from kvboost_rag import Segment
 from kvboost_rag.streaming import TokenStream
 
-from ._base import KVBoostParams, engine_prompt, response_metadata, usage_metadata
+from ._base import KVBoostParams, response_metadata, usage_metadata
 from .documents import is_document_block
 
 _ROLES = {"system": "system", "human": "user", "ai": "assistant", "tool": "tool", "function": "tool"}
@@ -91,7 +91,8 @@ class ChatKVBoost(BaseChatModel, KVBoostParams):
     # -- translation -------------------------------------------------------------------------
     def _prepare(self, messages: Sequence[BaseMessage], stop: Optional[list[str]], kwargs: dict) -> TokenStream:
         engine = self.load_engine()
-        prompt = engine_prompt(engine.chat_segments([message_to_engine(m) for m in messages]))
+        # warmed documents pasted into text (stock chains) are detected by the engine
+        prompt = engine.chat_segments([message_to_engine(m) for m in messages])
         return engine.stream(prompt, **self._generation_kwargs(stop, kwargs))
 
     def _chat_result(self, result: Any) -> ChatResult:

@@ -14,7 +14,7 @@ from langchain_core.outputs import Generation, GenerationChunk, LLMResult
 
 from kvboost_rag.streaming import TokenStream
 
-from ._base import KVBoostParams, engine_prompt, response_metadata, usage_metadata
+from ._base import KVBoostParams, response_metadata, usage_metadata
 
 
 class KVBoostLLM(BaseLLM, KVBoostParams):
@@ -46,7 +46,7 @@ class KVBoostLLM(BaseLLM, KVBoostParams):
     def _prepare(self, prompt: str, stop: Optional[list[str]], kwargs: dict) -> TokenStream:
         engine = self.load_engine()
         if self.chat_template:
-            prompt = engine_prompt(engine.chat_segments([{"role": "user", "content": prompt}]))
+            prompt = engine.chat_segments([{"role": "user", "content": prompt}])
         return engine.stream(prompt, **self._generation_kwargs(stop, kwargs))
 
     def _generation(self, result: Any) -> Generation:

@@ -82,18 +82,6 @@ def telemetry(result: Any, model_name: str) -> dict:
     }
 
 
-def engine_prompt(segments: list) -> Any:
-    """The rendered chat as the engine should get it.
-
-    With explicit document segments, the segments. Without, the flat rendered string: the
-    engine's automatic detection of warmed documents runs on flat strings, which is how the stock
-    synthesizers (that paste node texts into the prompt) get their KV reused.
-    """
-    if any(segment.is_document for segment in segments):
-        return segments
-    return "".join(segment.text for segment in segments)
-
-
 class KVBoostLLM(CustomLLM):
     """LlamaIndex LLM over a local model with pre-encoded document KV reused.
 
@@ -156,7 +144,8 @@ class KVBoostLLM(CustomLLM):
 
     def _chat_stream(self, messages: Sequence[ChatMessage], kwargs: dict) -> TokenStream:
         engine = self.load_engine()
-        prompt = engine_prompt(engine.chat_segments([message_to_engine(m) for m in messages]))
+        # warmed documents pasted into text (stock synthesizers) are detected by the engine
+        prompt = engine.chat_segments([message_to_engine(m) for m in messages])
         return engine.stream(prompt, **self._gen_kwargs(kwargs))
 
     def _completion_stream(self, prompt: str, formatted: bool, kwargs: dict) -> TokenStream:
