@@ -414,3 +414,23 @@ class KVBoostEngine:
         agreement and KL(full || engine) over the full prefill's greedy answer."""
         from .fidelity import compare_to_full
         return compare_to_full(self, prompts, n_tokens=n_tokens, strategy=strategy, recompute_ratio=recompute_ratio)
+
+
+DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
+
+
+class LazyEngineMixin:
+    """For framework wrappers (LangChain, LlamaIndex) that hold ``engine``, ``model_id`` and
+    ``engine_kwargs``: the engine loads on first use and is shared per (model, options)."""
+
+    def load_engine(self) -> KVBoostEngine:
+        """The engine, loading it now if this object was configured lazily."""
+        if self.engine is None:
+            self.engine = KVBoostEngine.shared(self.model_id, **self.engine_kwargs)
+        return self.engine
+
+    @property
+    def model_label(self) -> str:
+        """Model name for tracing and metadata, without forcing a lazy engine to load."""
+        name = self.model_id if self.engine is None else getattr(self.engine, "model_name", None)
+        return str(name or DEFAULT_MODEL_NAME)

@@ -60,6 +60,10 @@ class GenerationResult:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    def telemetry(self) -> dict:
+        """The measurements of this answer (no text), as frameworks put them in their metadata."""
+        return {k: v for k, v in self.to_dict().items() if k not in ("text", "token_ids", "extra")}
+
 
 def sample_token(logits: torch.Tensor, params: SamplingParams, generator: Optional[torch.Generator]) -> int:
     """Pick the next token id from ``[vocab]`` logits."""

@@ -13,16 +13,16 @@ from typing import Any, Optional
 from pydantic import BaseModel, Field
 
 from kvboost_rag import KVBoostEngine
+from kvboost_rag.engine import LazyEngineMixin
 
 #: Reported as the model name before a lazily configured engine has been loaded
 #: (the engine's default model is SmolLM2-135M-Instruct).
-DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 
 # Keyword arguments a caller may override per call (``model.invoke(..., temperature=0.7)``).
 _CALL_OVERRIDES = ("temperature", "max_tokens", "top_p", "top_k", "seed", "strategy", "recompute_ratio", "timeout")
 
 
-class KVBoostParams(BaseModel):
+class KVBoostParams(LazyEngineMixin, BaseModel):
     """Engine ownership and generation parameters, shared by the chat model and the LLM.
 
     Build from a model (``from_model_id``, loaded lazily on first use) or from an engine that is
@@ -70,18 +70,6 @@ class KVBoostParams(BaseModel):
         fields = {k: kwargs.pop(k) for k in list(kwargs) if k in cls.model_fields}
         return cls(model_id=model_id, engine_kwargs={**(engine_kwargs or {}), **kwargs}, **fields)
 
-    def load_engine(self):
-        """The engine, loading it now if configured lazily: one per (model, options) per process."""
-        if self.engine is None:
-            self.engine = KVBoostEngine.shared(self.model_id, **self.engine_kwargs)
-        return self.engine
-
-    @property
-    def model_label(self) -> str:
-        """Model name for tracing and metadata, without forcing a lazy engine to load."""
-        name = self.model_id if self.engine is None else getattr(self.engine, "model_name", None)
-        return str(name or DEFAULT_MODEL_NAME)
-
     def _generation_kwargs(self, stop: Optional[list[str]], kwargs: dict[str, Any]) -> dict[str, Any]:
         """``engine.stream`` keyword arguments for one call (its ``timeout`` included)."""
         requested_model = kwargs.get("model")
@@ -122,17 +110,5 @@ def usage_metadata(result: Any) -> dict:
 
 def response_metadata(result: Any, model_name: str) -> dict:
     """Engine telemetry for ``response_metadata`` / ``generation_info``."""
-    return {
-        "model_name": model_name,
-        "finish_reason": result.finish_reason,
-        "ttft_s": result.ttft_s,
-        "total_s": result.total_s,
-        "tokens_per_s": result.tokens_per_s,
-        "prompt_tokens": result.prompt_tokens,
-        "reused_tokens": result.reused_tokens,
-        "recomputed_tokens": result.recomputed_tokens,
-        "fresh_tokens": result.fresh_tokens,
-        "strategy": result.strategy,
-        "recompute_ratio": result.recompute_ratio,
-    }
+    return {"model_name": model_name, **result.telemetry()}
 

@@ -34,9 +34,9 @@ from llama_index.core.llms.callbacks import llm_chat_callback, llm_completion_ca
 from llama_index.core.llms.custom import CustomLLM
 
 from kvboost_rag import KVBoostEngine, Segment
+from kvboost_rag.engine import LazyEngineMixin
 from kvboost_rag.streaming import TokenStream
 
-DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 
 _ROLES = {"chatbot": "assistant", "model": "assistant", "developer": "system", "function": "tool"}
 _MEDIA = (ImageBlock, AudioBlock, VideoBlock, DocumentBlock)
@@ -66,23 +66,10 @@ def message_to_engine(message: ChatMessage) -> dict:
 
 def telemetry(result: Any, model_name: str) -> dict:
     """Engine measurements of one generation, for ``additional_kwargs``."""
-    return {
-        "model_name": model_name,
-        "finish_reason": result.finish_reason,
-        "ttft_s": result.ttft_s,
-        "total_s": result.total_s,
-        "tokens_per_s": result.tokens_per_s,
-        "prompt_tokens": result.prompt_tokens,
-        "completion_tokens": result.completion_tokens,
-        "reused_tokens": result.reused_tokens,
-        "recomputed_tokens": result.recomputed_tokens,
-        "fresh_tokens": result.fresh_tokens,
-        "strategy": result.strategy,
-        "recompute_ratio": result.recompute_ratio,
-    }
+    return {"model_name": model_name, **result.telemetry()}
 
 
-class KVBoostLLM(CustomLLM):
+class KVBoostLLM(LazyEngineMixin, CustomLLM):
     """LlamaIndex LLM over a local model with pre-encoded document KV reused.
 
     Build lazily from a model (``KVBoostLLM(model_id=None)`` is the engine default, SmolLM2) or
@@ -106,17 +93,6 @@ class KVBoostLLM(CustomLLM):
     @classmethod
     def class_name(cls) -> str:
         return "KVBoostLLM"
-
-    def load_engine(self):
-        """The engine, loading it now if lazy: one per (model, options) per process, shared."""
-        if self.engine is None:
-            self.engine = KVBoostEngine.shared(self.model_id, **self.engine_kwargs)
-        return self.engine
-
-    @property
-    def model_label(self) -> str:
-        name = self.model_id if self.engine is None else getattr(self.engine, "model_name", None)
-        return str(name or DEFAULT_MODEL_NAME)
 
     @property
     def metadata(self) -> LLMMetadata:
