@@ -13,7 +13,6 @@ import argparse
 import json
 import random
 import statistics
-import time
 import warnings
 
 import torch

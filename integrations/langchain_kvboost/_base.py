@@ -12,7 +12,6 @@ from typing import Any, Optional
 
 from pydantic import BaseModel, Field
 
-from kvboost_rag import KVBoostEngine
 from kvboost_rag.engine import LazyEngineMixin
 
 #: Reported as the model name before a lazily configured engine has been loaded

@@ -11,7 +11,6 @@ from langchain_core.callbacks import BaseCallbackHandler
 from langchain_core.documents import Document
 from langchain_core.language_models._utils import _normalize_messages
 from langchain_core.messages import AIMessage, AIMessageChunk, HumanMessage, SystemMessage
-from langchain_core.output_parsers import StrOutputParser
 from langchain_core.prompts import ChatPromptTemplate, MessagesPlaceholder, PromptTemplate
 from langchain_core.runnables import RunnableLambda, RunnablePassthrough
 
@@ -20,7 +19,6 @@ from langchain_kvboost import (
     ChatKVBoost,
     DocumentsPrompt,
     KVBoostLLM,
-    document_block,
     documents_to_message,
     is_document_block,
     message_to_engine,

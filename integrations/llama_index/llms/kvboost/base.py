@@ -33,7 +33,7 @@ from llama_index.core.bridge.pydantic import Field
 from llama_index.core.llms.callbacks import llm_chat_callback, llm_completion_callback
 from llama_index.core.llms.custom import CustomLLM
 
-from kvboost_rag import KVBoostEngine, Segment
+from kvboost_rag import Segment
 from kvboost_rag.engine import LazyEngineMixin
 from kvboost_rag.streaming import TokenStream
 
