@@ -39,6 +39,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
+from .fidelity import kl_top1  # noqa: F401  (one implementation, re-exported for callers)
+
 SYSTEM_PROMPT = ("You are a helpful assistant. Answer the question using only the documents "
                  "provided. Answer in a few words.")
 DEFAULT_RATIOS = (0.0, 0.05, 0.15, 0.3, 1.0)
@@ -74,26 +76,6 @@ def contains_answer(prediction: str, gold: str) -> float:
     prediction (useful with verbose 32-token answers, where F1 is dominated by length)."""
     ref = normalize_answer(gold)
     return float(bool(ref) and f" {ref} " in f" {normalize_answer(prediction)} ")
-
-
-def kl_top1(ref_logits, logits) -> tuple[float, float]:
-    """Teacher-forced fidelity of ``logits`` against reference ``ref_logits`` (both ``[T, V]``).
-
-    Returns ``(mean over positions of KL(ref || other), fraction of positions whose argmax agree)``.
-    Computed in float32."""
-    import torch
-
-    ref = ref_logits.detach().float().reshape(-1, ref_logits.shape[-1])
-    oth = logits.detach().float().reshape(-1, logits.shape[-1]).to(ref.device)
-    if ref.shape != oth.shape:
-        raise ValueError(f"logit shapes differ: {tuple(ref.shape)} vs {tuple(oth.shape)}")
-    if ref.shape[0] == 0:
-        raise ValueError("no positions to compare")
-    log_p = torch.log_softmax(ref, dim=-1)
-    log_q = torch.log_softmax(oth, dim=-1)
-    kl = (log_p.exp() * (log_p - log_q)).sum(-1).clamp_min(0.0)
-    top1 = (ref.argmax(-1) == oth.argmax(-1)).float()
-    return float(kl.mean()), float(top1.mean())
 
 
 # two-sided 97.5% quantiles of Student's t for df = 1..30

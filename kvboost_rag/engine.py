@@ -7,6 +7,7 @@ logits -> decode loop.
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import threading
 import time
@@ -237,12 +238,9 @@ class KVBoostEngine:
             raise InvalidConfigError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
         config = self.blend_config
         if recompute_ratio is not None:
-            config = BlendConfig(recompute_ratio=recompute_ratio, selection=config.selection,
-                                 check_layer=config.check_layer, sink_tokens=config.sink_tokens,
-                                 block_size=config.block_size)
+            config = dataclasses.replace(config, recompute_ratio=recompute_ratio)
         if strategy == "reuse":
-            config = BlendConfig(recompute_ratio=0.0, selection=config.selection, check_layer=config.check_layer,
-                                 sink_tokens=0, block_size=config.block_size)
+            config = dataclasses.replace(config, recompute_ratio=0.0, sink_tokens=0)
         return strategy, config
 
     def _check_window(self, n_prompt: int, n_new: int) -> None:
@@ -355,14 +353,12 @@ class KVBoostEngine:
                  strategy: Optional[str] = None, recompute_ratio: Optional[float] = None,
                  on_token: Optional[Callable[[str], None]] = None) -> GenerationResult:
         """Answer a prompt (flat string with warmed documents inside, or explicit segments)."""
-        params = SamplingParams(max_new_tokens, temperature, top_p, top_k, seed, tuple(stop or ()))
-        result = None
-        for delta, res in self._run(prompt, params, strategy, recompute_ratio):
-            if delta and on_token is not None:
-                on_token(delta)
-            if res is not None:
-                result = res
-        return result
+        stream = self.stream(prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                             top_k=top_k, seed=seed, stop=stop, strategy=strategy,
+                             recompute_ratio=recompute_ratio, on_token=on_token)
+        for _ in stream:
+            pass
+        return stream.result
 
     def stream(self, prompt: Prompt, *, timeout: Optional[float] = None, **kwargs) -> TokenStream:
         """Like :meth:`generate`, but yields text deltas as they come; ``.result`` at the end.
