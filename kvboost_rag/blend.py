@@ -253,12 +253,15 @@ def _select(deviation: torch.Tensor, reused_idx: torch.Tensor, ratio: float) -> 
 
 @torch.inference_mode()
 def blend(model, input_ids: torch.Tensor, reused: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
-          config: BlendConfig, doc_starts: list[int] | None = None) -> BlendResult:
+          config: BlendConfig, doc_starts: list[int] | None = None,
+          exact: torch.Tensor | None = None) -> BlendResult:
     """Selective recompute over assembled KV.
 
     input_ids: [N] prompt ids. reused: [N] bool, True where ``keys``/``values`` hold stored
     (re-rotated) KV. keys/values: [layers, kv_heads, N, head_dim] buffers, written in place.
     doc_starts: first position of each reused document (for ``sink_tokens``).
+    exact: [N] bool, reused tokens whose stored KV is already what a full prefill computes (a
+    cached prompt prefix): never candidates for recompute.
     """
     n = input_ids.shape[0]
     num_layers = len(model.model.layers)
@@ -271,7 +274,7 @@ def blend(model, input_ids: torch.Tensor, reused: torch.Tensor, keys: torch.Tens
     if config.sink_tokens and doc_starts:
         for s in doc_starts:
             must[s: s + config.sink_tokens] = True
-    candidates = all_pos[reused & ~must]
+    candidates = all_pos[reused & ~must & ~exact] if exact is not None else all_pos[reused & ~must]
     ratio = config.recompute_ratio
 
     def run_from(first_layer: int, hidden: torch.Tensor, selected: torch.Tensor, **capture) -> torch.Tensor:

@@ -1,9 +1,10 @@
 """The public facade: warm documents once, answer prompts that contain them in any order.
 
 Query-time data path, top to bottom (see :meth:`KVBoostEngine.prefill`):
-prompt -> segments -> token ids -> fetch each document's chunk from the store -> re-rotate its
-keys to the document's position in this prompt -> blend (selective recompute) -> first token's
-logits -> decode loop.
+prompt -> segments -> token ids -> fetch each document's chunk from the store (and the exact KV
+of the text before the first document, from the prefix cache) -> re-rotate its keys to the
+document's position in this prompt -> blend (selective recompute) -> first token's logits ->
+decode loop.
 """
 from __future__ import annotations
 
@@ -64,7 +65,7 @@ class KVBoostEngine:
     def __init__(self, model, tokenizer, store: Optional[KVStore] = None, *, strategy: str = "cacheblend",
                  recompute_ratio: float = 0.1, selection: str = "attention", check_layer: int = 1,
                  sink_tokens: int = 4, block_size: int = 64, preamble: Optional[str] = None,
-                 model_name: Optional[str] = None) -> None:
+                 model_name: Optional[str] = None, prefix_cache_bytes: int = 256 << 20) -> None:
         check_architecture(model.config, warn_untested=True)
         check_model_layout(model)
         if strategy not in STRATEGIES:
@@ -72,6 +73,10 @@ class KVBoostEngine:
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.store: KVStore = store if store is not None else MemoryStore()
+        # Exact KV of the text in front of the first document (system prompt, instructions). It
+        # sits at position 0 and attends only to itself, so once computed it is exact for every
+        # later prompt that starts the same way (vLLM-style prefix caching); 0 turns it off.
+        self.prefix_cache = MemoryStore(max_bytes=prefix_cache_bytes) if prefix_cache_bytes else None
         self.strategy = strategy
         self.blend_config = BlendConfig(recompute_ratio=recompute_ratio, selection=selection,
                                         check_layer=check_layer, sink_tokens=sink_tokens, block_size=block_size)
@@ -259,6 +264,31 @@ class KVBoostEngine:
                 found.append((start, chunk))
         return found
 
+    def _prefix_key(self, ids: Sequence[int]) -> str:
+        return chunk_key(self.fingerprint, (), ids, ENCODING_VERSION + "/prefix")
+
+    def _prefix_ids(self, tokenized: TokenizedPrompt) -> list[int]:
+        """Ids of the text before the first document (empty when a document comes first)."""
+        if self.prefix_cache is None or not tokenized.documents:
+            return []
+        return tokenized.input_ids[: tokenized.documents[0][0]]
+
+    def _fetch_prefix(self, tokenized: TokenizedPrompt) -> Optional[KVChunk]:
+        ids = self._prefix_ids(tokenized)
+        chunk = self.prefix_cache.get(self._prefix_key(ids), self.fingerprint) if ids else None
+        return chunk if chunk is not None and list(chunk.token_ids) == ids else None
+
+    def _remember_prefix(self, tokenized: TokenizedPrompt, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Keep the exact KV the blend computed for the leading text (every layer, attending only
+        to itself) for the next prompt that starts the same way."""
+        ids = self._prefix_ids(tokenized)
+        if len(ids) < 2:
+            return
+        p = len(ids)
+        self.prefix_cache.put(self._prefix_key(ids), KVChunk(
+            keys=keys[:, :, :p].clone(), values=values[:, :, :p].clone(), start=0,
+            token_ids=tuple(ids), fingerprint=self.fingerprint, text=None, meta={"kind": "prefix"}))
+
     def _assemble(self, n: int, found: list[tuple[int, KVChunk]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Blend buffers with each stored chunk re-rotated to its position in this prompt."""
         ref = found[0][1]
@@ -304,17 +334,24 @@ class KVBoostEngine:
             if not found:
                 out = self.model(input_ids=input_ids.unsqueeze(0), use_cache=True, logits_to_keep=1)
                 logits, cache = out.logits[0, -1].float(), out.past_key_values
-                stats = dict(reused_tokens=0, recomputed_tokens=0, fresh_tokens=n)
+                stats = dict(reused_tokens=0, recomputed_tokens=0, fresh_tokens=n, prefix_cached_tokens=0)
             else:
-                keys, values, reused = self._assemble(n, found)
+                prefix = self._fetch_prefix(tokenized)
+                exact = torch.zeros(n, dtype=torch.bool, device=self.device)
+                if prefix is not None:
+                    exact[: prefix.num_tokens] = True
+                keys, values, reused = self._assemble(n, found + ([(0, prefix)] if prefix is not None else []))
                 result = blend(self.model, input_ids, reused, keys, values, config,
-                               doc_starts=[s for s, _ in found])
+                               doc_starts=[s for s, _ in found], exact=exact)
                 logits = result.logits
                 cache = self._as_cache(result.keys, result.values)
                 n_reused = int(reused.sum())
                 stats = dict(reused_tokens=n_reused - result.recomputed_tokens,
-                             recomputed_tokens=result.recomputed_tokens, fresh_tokens=result.fresh_tokens)
+                             recomputed_tokens=result.recomputed_tokens, fresh_tokens=result.fresh_tokens,
+                             prefix_cached_tokens=prefix.num_tokens if prefix is not None else 0)
             ttft = now(self.device) - t0
+            if found and prefix is None:
+                self._remember_prefix(tokenized, keys, values)  # after TTFT: not on this answer's clock
         stats.update(prompt_tokens=n, strategy=strategy,
                      recompute_ratio=0.0 if strategy == "reuse" else (1.0 if strategy == "full" else config.recompute_ratio),
                      documents=len(tokenized.documents), documents_reused=len(found))
@@ -346,7 +383,8 @@ class KVBoostEngine:
             completion_tokens=len(ids), ttft_s=pre.ttft_s, total_s=total,
             tokens_per_s=len(ids) / decode_s if ids else 0.0, strategy=s["strategy"],
             recompute_ratio=s["recompute_ratio"],
-            extra={"documents": s["documents"], "documents_reused": s["documents_reused"]})
+            extra={"documents": s["documents"], "documents_reused": s["documents_reused"],
+                   "prefix_cached_tokens": s["prefix_cached_tokens"]})
 
     def generate(self, prompt: Prompt, *, max_new_tokens: int = 128, temperature: float = 0.0, top_p: float = 1.0,
                  top_k: int = 0, seed: Optional[int] = None, stop: Optional[Sequence[str]] = None,

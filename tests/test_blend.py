@@ -126,6 +126,7 @@ def test_fast_value_projection_selects_what_the_full_check_layer_selects(monkeyp
         selections.append(result.selected)
         return result
 
+    engine.prefill(prompt)  # fills the prefix cache: both runs below then blend the same tokens
     monkeypatch.setattr("kvboost_rag.engine.blend", spy)
     engine.prefill(prompt, recompute_ratio=0.3)  # fast path
     monkeypatch.setattr(blend_mod.LayerRunner, "projected_values", lambda self, layer_idx, hidden: None)
@@ -143,9 +144,50 @@ def test_attention_guided_selection(kind):
     exact = engine.prefill(prompt, recompute_ratio=1.0)
     assert (full.logits - exact.logits).abs().max().item() <= 1e-4
     assert _max_kv_diff(full, exact) <= 1e-4
-    part = engine.prefill(prompt, recompute_ratio=0.25)
-    cached = part.stats["reused_tokens"] + part.stats["recomputed_tokens"]
+    part = engine.prefill(prompt, recompute_ratio=0.25)  # the prefix now comes from the prefix cache
+    cached = part.stats["reused_tokens"] + part.stats["recomputed_tokens"] - part.stats["prefix_cached_tokens"]
     assert part.stats["recomputed_tokens"] == pytest.approx(0.25 * cached, abs=2)
     reuse = engine.prefill(prompt, strategy="reuse")
     # recomputing a quarter of the tokens moves the answer distribution toward the full prefill
     assert (part.logits - full.logits).abs().max() < (reuse.logits - full.logits).abs().max()
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2"])
+def test_cached_prefix_is_reused_exactly(kind):
+    """The text before the first document is computed once, then served from the prefix cache:
+    at ratio 1.0 the result still equals a full prefill, and the prefix counts as reused."""
+    engine = tiny_engine(kind)
+    engine.warm(DOCS)
+    prompt = _prompt(engine, [1, 3, 0])
+    prefix_len = engine.tokenize(prompt).documents[0][0]
+    first = engine.prefill(prompt, recompute_ratio=1.0)
+    assert first.stats["prefix_cached_tokens"] == 0
+    full = engine.prefill(prompt, strategy="full")
+    again = engine.prefill(prompt, recompute_ratio=1.0)
+    assert again.stats["prefix_cached_tokens"] == prefix_len > 0
+    assert again.stats["reused_tokens"] == prefix_len
+    assert _max_kv_diff(full, again) <= 1e-4
+    assert (full.logits - again.logits).abs().max().item() <= 1e-4
+
+
+def test_prefix_cache_does_not_change_a_partial_blend():
+    cached, uncached = tiny_engine("llama"), tiny_engine("llama", prefix_cache_bytes=0)
+    for e in (cached, uncached):
+        e.warm(DOCS)
+    prompt = _prompt(cached, [2, 0, 1])
+    cached.prefill(prompt)  # fills the prefix cache
+    hit, ref = cached.prefill(prompt), uncached.prefill(prompt)
+    assert hit.stats["prefix_cached_tokens"] > 0 and ref.stats["prefix_cached_tokens"] == 0
+    assert hit.stats["recomputed_tokens"] == ref.stats["recomputed_tokens"]
+    assert hit.stats["fresh_tokens"] + hit.stats["prefix_cached_tokens"] == ref.stats["fresh_tokens"]
+    assert _max_kv_diff(ref, hit) <= 1e-4
+    assert (ref.logits - hit.logits).abs().max().item() <= 1e-4
+
+
+def test_a_different_leading_text_misses_the_prefix_cache():
+    engine = tiny_engine("llama")
+    engine.warm(DOCS)
+    engine.prefill(_prompt(engine, [0, 1]))
+    other = [Segment.text("<|im_start|>user\nSomething else entirely.\n\n")] + _prompt(engine, [0, 1])[1:]
+    assert engine.prefill(other).stats["prefix_cached_tokens"] == 0
+    assert engine.prefill(other).stats["prefix_cached_tokens"] > 0
