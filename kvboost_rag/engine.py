@@ -382,9 +382,8 @@ class KVBoostEngine:
             reused_tokens=s["reused_tokens"], recomputed_tokens=s["recomputed_tokens"], fresh_tokens=s["fresh_tokens"],
             completion_tokens=len(ids), ttft_s=pre.ttft_s, total_s=total,
             tokens_per_s=len(ids) / decode_s if ids else 0.0, strategy=s["strategy"],
-            recompute_ratio=s["recompute_ratio"],
-            extra={"documents": s["documents"], "documents_reused": s["documents_reused"],
-                   "prefix_cached_tokens": s["prefix_cached_tokens"]})
+            recompute_ratio=s["recompute_ratio"], prefix_cached_tokens=s["prefix_cached_tokens"],
+            extra={"documents": s["documents"], "documents_reused": s["documents_reused"]})
 
     def generate(self, prompt: Prompt, *, max_new_tokens: int = 128, temperature: float = 0.0, top_p: float = 1.0,
                  top_k: int = 0, seed: Optional[int] = None, stop: Optional[Sequence[str]] = None,

@@ -55,6 +55,7 @@ class GenerationResult:
     tokens_per_s: float
     strategy: str
     recompute_ratio: float
+    prefix_cached_tokens: int = 0  # part of reused_tokens: the text before the first document, from the prefix cache
     extra: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:

@@ -70,6 +70,10 @@ def test_telemetry_partitions_prompt_tokens(engine):
     assert 0 < r.ttft_s <= r.total_s
     assert r.completion_tokens == len(r.token_ids) <= 5
     assert r.strategy == "cacheblend" and r.recompute_ratio == engine.blend_config.recompute_ratio == 0.1
+    again = engine.generate(explicit_prompt([3, 2, 1]), max_new_tokens=1)  # same leading text
+    assert again.prefix_cached_tokens == len(engine.tokenize("Context:\n").input_ids) > 0
+    assert again.telemetry()["prefix_cached_tokens"] == again.prefix_cached_tokens
+    assert again.prompt_tokens == again.reused_tokens + again.recomputed_tokens + again.fresh_tokens
 
 
 def test_greedy_is_deterministic_and_sampling_follows_seed(engine):
