@@ -274,7 +274,8 @@ def blend(model, input_ids: torch.Tensor, reused: torch.Tensor, keys: torch.Tens
     if config.sink_tokens and doc_starts:
         for s in doc_starts:
             must[s: s + config.sink_tokens] = True
-    candidates = all_pos[reused & ~must & ~exact] if exact is not None else all_pos[reused & ~must]
+    recomputable = reused & ~must if exact is None else reused & ~must & ~exact
+    candidates = all_pos[recomputable]
     ratio = config.recompute_ratio
 
     def run_from(first_layer: int, hidden: torch.Tensor, selected: torch.Tensor, **capture) -> torch.Tensor:

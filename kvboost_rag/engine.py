@@ -259,10 +259,15 @@ class KVBoostEngine:
         found = []
         for start, end, seg in tokenized.documents:
             ids = tokenized.input_ids[start:end]
-            chunk = self.store.get(self.chunk_key(ids), self.fingerprint)
-            if chunk is not None and list(chunk.token_ids) == list(ids):
+            chunk = self._stored_chunk(self.store, self.chunk_key(ids), ids)
+            if chunk is not None:
                 found.append((start, chunk))
         return found
+
+    def _stored_chunk(self, store: KVStore, key: str, ids: Sequence[int]) -> Optional[KVChunk]:
+        """The entry under ``key`` if it was made by this model for exactly these token ids."""
+        chunk = store.get(key, self.fingerprint)
+        return chunk if chunk is not None and list(chunk.token_ids) == list(ids) else None
 
     def _prefix_key(self, ids: Sequence[int]) -> str:
         return chunk_key(self.fingerprint, (), ids, ENCODING_VERSION + "/prefix")
@@ -275,8 +280,7 @@ class KVBoostEngine:
 
     def _fetch_prefix(self, tokenized: TokenizedPrompt) -> Optional[KVChunk]:
         ids = self._prefix_ids(tokenized)
-        chunk = self.prefix_cache.get(self._prefix_key(ids), self.fingerprint) if ids else None
-        return chunk if chunk is not None and list(chunk.token_ids) == ids else None
+        return self._stored_chunk(self.prefix_cache, self._prefix_key(ids), ids) if ids else None
 
     def _remember_prefix(self, tokenized: TokenizedPrompt, keys: torch.Tensor, values: torch.Tensor) -> None:
         """Keep the exact KV the blend computed for the leading text (every layer, attending only
@@ -337,8 +341,9 @@ class KVBoostEngine:
                 stats = dict(reused_tokens=0, recomputed_tokens=0, fresh_tokens=n, prefix_cached_tokens=0)
             else:
                 prefix = self._fetch_prefix(tokenized)
-                exact = torch.zeros(n, dtype=torch.bool, device=self.device)
+                exact = None
                 if prefix is not None:
+                    exact = torch.zeros(n, dtype=torch.bool, device=self.device)
                     exact[: prefix.num_tokens] = True
                 keys, values, reused = self._assemble(n, found + ([(0, prefix)] if prefix is not None else []))
                 result = blend(self.model, input_ids, reused, keys, values, config,
