@@ -152,6 +152,46 @@ def test_attention_guided_selection(kind):
     assert (part.logits - full.logits).abs().max() < (reuse.logits - full.logits).abs().max()
 
 
+def test_question_probe_runs_only_tokens_without_stored_kv(monkeypatch):
+    """The probe that ranks reused tokens runs the question and the text between documents,
+    not the documents' sink tokens; the sinks are still recomputed by the blend itself."""
+    from kvboost_rag import blend as blend_mod
+
+    engine = tiny_engine("llama", selection="attention", sink_tokens=4)
+    engine.warm(DOCS)
+    prompt = _prompt(engine, [2, 0, 3, 1])
+    engine.prefill(prompt)  # fills the prefix cache
+    probed = []
+    run = blend_mod.LayerRunner.run
+
+    def spy(self, layer_idx, hidden, positions, *args, **kwargs):
+        if kwargs.get("attention_scores") is not None and layer_idx == 0:
+            probed.append(positions.numel())
+        return run(self, layer_idx, hidden, positions, *args, **kwargs)
+
+    monkeypatch.setattr(blend_mod.LayerRunner, "run", spy)
+    pre = engine.prefill(prompt, recompute_ratio=0.2)
+    assert probed == [pre.stats["fresh_tokens"]]
+    assert pre.stats["recomputed_tokens"] >= 4 * 4  # 4 documents x 4 sinks
+
+
+@pytest.mark.parametrize("selection", ["attention", "value"])
+def test_prompt_ending_with_a_document(selection):
+    """The last token gives the first answer token, so it is computed even when it is a
+    document's; at ratio 1.0 the result still equals a full prefill."""
+    engine = tiny_engine("llama", selection=selection)
+    engine.warm(DOCS)
+    prompt = [Segment.text("<|im_start|>user\nRead these.\n\n"), Segment.document(DOCS[1]),
+              Segment.text("\n\n"), Segment.document(DOCS[0])]
+    full = engine.prefill(prompt, strategy="full")
+    exact = engine.prefill(prompt, recompute_ratio=1.0)
+    assert _max_kv_diff(full, exact) <= 1e-4
+    assert (full.logits - exact.logits).abs().max().item() <= 1e-4
+    part = engine.prefill(prompt, recompute_ratio=0.3)
+    assert part.stats["documents_reused"] == 2 and part.stats["recomputed_tokens"] > 0
+    assert torch.isfinite(part.logits).all()
+
+
 @pytest.mark.parametrize("kind", ["llama", "qwen2"])
 def test_cached_prefix_is_reused_exactly(kind):
     """The text before the first document is computed once, then served from the prefix cache:
