@@ -12,6 +12,7 @@ from typing import Iterator, Optional, Sequence
 
 import torch
 
+from .decode_cache import with_room
 from .errors import InvalidConfigError
 
 
@@ -154,12 +155,15 @@ def decode(model, tokenizer, cache, first_logits: torch.Tensor, start_position: 
            eos_ids: set[int], step_lock=None) -> Iterator[tuple[int, str, Optional[str]]]:
     """Yield ``(token_id, text_delta, finish_reason_or_None)`` for each generated token.
 
-    ``cache`` holds the prompt's KV (a transformers DynamicCache); it grows as we decode.
+    ``cache`` holds the prompt's KV (a transformers DynamicCache); it grows as we decode, in
+    place (:func:`~kvboost_rag.decode_cache.with_room`).
     The last tuple carries the finish reason and any held-back text. ``step_lock`` (if given)
     is held around each model call only, never while the caller consumes a token.
     """
     lock = step_lock if step_lock is not None else contextlib.nullcontext()
     device = first_logits.device
+    if params.max_new_tokens > 1:
+        cache = with_room(cache, params.max_new_tokens)  # in-place appends, not a copy per token
     generator = None
     if params.seed is not None:
         generator = torch.Generator().manual_seed(params.seed)
