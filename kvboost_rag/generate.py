@@ -162,8 +162,6 @@ def decode(model, tokenizer, cache, first_logits: torch.Tensor, start_position: 
     """
     lock = step_lock if step_lock is not None else contextlib.nullcontext()
     device = first_logits.device
-    if params.max_new_tokens > 1:
-        cache = with_room(cache, params.max_new_tokens)  # in-place appends, not a copy per token
     generator = None
     if params.seed is not None:
         generator = torch.Generator().manual_seed(params.seed)
@@ -183,6 +181,8 @@ def decode(model, tokenizer, cache, first_logits: torch.Tensor, start_position: 
             yield token, delta + assembler.flush(), "length"
             return
         yield token, delta, None
+        if step == 0:  # after the first token is out, so streaming users do not wait for the move
+            cache = with_room(cache, params.max_new_tokens)  # in-place appends, not a copy per token
         with lock, torch.inference_mode():
             out = model(
                 input_ids=torch.tensor([[token]], device=device),
