@@ -3,8 +3,9 @@
 transformers' ``DynamicCache`` appends each new token with ``torch.cat``, which copies the whole
 cache of every layer at every step, a cost that grows with the prompt. :func:`with_room` moves a
 prompt's cache once into buffers with room for the answer, so each step writes one slot per
-layer instead. On SmolLM2 with 8 retrieved documents (~2.9k tokens) decoding went from 17.5 to
-21.2 tokens/s on a 2-core CPU, at 16 documents from 11.2 to 14.8; the move itself took ~18 ms.
+layer instead. On SmolLM2 with 8 retrieved documents (~2.9k tokens) decoding went from 17.6 to
+20.9 tokens/s on a 2-core CPU, at 16 documents from 11.4 to 14.8 (``benchmarks/decode_bench.py``);
+the move itself took ~18 ms.
 
 The layers stay ``DynamicLayer``s to the rest of transformers: ``keys``/``values`` are views of
 the filled part of the buffers, so sequence length, masks and ``crop`` work unchanged. Anything
