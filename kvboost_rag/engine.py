@@ -64,7 +64,7 @@ class KVBoostEngine:
 
     def __init__(self, model, tokenizer, store: Optional[KVStore] = None, *, strategy: str = "cacheblend",
                  recompute_ratio: float = 0.1, selection: str = "attention", check_layer: int = 1,
-                 sink_tokens: int = 4, block_size: int = 64, preamble: Optional[str] = None,
+                 sink_tokens: int = 4, block_size: int = 128, preamble: Optional[str] = None,
                  model_name: Optional[str] = None, prefix_cache_bytes: int = 256 << 20) -> None:
         check_architecture(model.config, warn_untested=True)
         check_model_layout(model)
