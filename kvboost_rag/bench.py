@@ -39,7 +39,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-from .fidelity import kl_top1  # noqa: F401  (one implementation, re-exported for callers)
+from .fidelity import kl_top1
 
 SYSTEM_PROMPT = ("You are a helpful assistant. Answer the question using only the documents "
                  "provided. Answer in a few words.")

@@ -335,6 +335,7 @@ class KVBoostEngine:
             self._check_window(n, max_new_tokens)
             input_ids = torch.tensor(tokenized.input_ids, device=self.device)
             found = self._fetch(tokenized) if strategy != "full" else []
+            prefix = None
             if not found:
                 out = self.model(input_ids=input_ids.unsqueeze(0), use_cache=True, logits_to_keep=1)
                 logits, cache = out.logits[0, -1].float(), out.past_key_values

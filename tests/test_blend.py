@@ -176,9 +176,11 @@ def test_question_probe_runs_only_tokens_without_stored_kv(monkeypatch):
 
 
 @pytest.mark.parametrize("selection", ["attention", "value"])
-def test_prompt_ending_with_a_document(selection):
+def test_prompt_ending_with_a_document(selection, monkeypatch):
     """The last token gives the first answer token, so it is computed even when it is a
     document's; at ratio 1.0 the result still equals a full prefill."""
+    from kvboost_rag import blend as blend_mod
+
     engine = tiny_engine("llama", selection=selection)
     engine.warm(DOCS)
     prompt = [Segment.text("<|im_start|>user\nRead these.\n\n"), Segment.document(DOCS[1]),
@@ -187,8 +189,20 @@ def test_prompt_ending_with_a_document(selection):
     exact = engine.prefill(prompt, recompute_ratio=1.0)
     assert _max_kv_diff(full, exact) <= 1e-4
     assert (full.logits - exact.logits).abs().max().item() <= 1e-4
+    selections = []
+
+    def spy(*args, **kwargs):
+        result = blend_mod.blend(*args, **kwargs)
+        selections.append(result.selected)
+        return result
+
+    monkeypatch.setattr("kvboost_rag.engine.blend", spy)
     part = engine.prefill(prompt, recompute_ratio=0.3)
+    reuse = engine.prefill(prompt, strategy="reuse")
     assert part.stats["documents_reused"] == 2 and part.stats["recomputed_tokens"] > 0
+    last = len(part.input_ids) - 1
+    # the logits come from the last selected token's final hidden state: it must be the last one
+    assert [int(s[-1]) for s in selections] == [last, last]
     assert torch.isfinite(part.logits).all()
 
 
