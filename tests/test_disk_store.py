@@ -47,7 +47,7 @@ def test_round_trip_is_exact(tmp_path, dtype):
         assert set(f.keys()) == {"keys", "values", "token_ids"}
         assert f.get_tensor("token_ids").dtype == torch.int32
     for field in ("fingerprint", "encoding_version", "num_tokens", "dtype", "start", "created", "last_used",
-                  "kv_bits", "text", "sha256"):
+                  "kv_bits", "text", "xxh3_128"):
         assert field in meta, field
     assert meta["num_tokens"] == "9" and meta["encoding_version"] == "1"
 
@@ -107,6 +107,60 @@ def test_bit_flip_is_detected_never_served(tmp_path, where):
     assert not path.exists(), "a corrupt entry is removed so that the next warm recomputes it"
     assert not store.contains(KEY, chunk.fingerprint)
     assert store.verify() == []
+
+
+def test_entries_checksummed_with_sha256_stay_readable_and_verified(tmp_path):
+    """``tests/data/sha256_entry.safetensors`` was written by the DiskStore of commit ca78076, which
+    checksummed with sha256: it is still served, and still checked (with sha256)."""
+    import shutil
+    from pathlib import Path
+
+    store = DiskStore(tmp_path)
+    chunk = synthetic_chunk(5, text="entry written by kvboost-rag 0.x with a sha256 checksum")
+    path = store.path_for(KEY)
+    path.parent.mkdir(parents=True)
+    shutil.copy(Path(__file__).parent / "data" / "sha256_entry.safetensors", path)
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        assert "sha256" in f.metadata() and "xxh3_128" not in f.metadata()
+    got = store.get(KEY, chunk.fingerprint)
+    assert torch.equal(got.keys, chunk.keys) and torch.equal(got.values, chunk.values)
+    assert got.text == chunk.text and store.verify() == []
+    raw = bytearray(path.read_bytes())
+    raw[_data_offset(path) + 7] ^= 0x10
+    path.write_bytes(bytes(raw))
+    assert store.get(KEY, chunk.fingerprint) is None and store.corrupt_keys == [KEY]
+
+
+def test_entry_without_a_checksum_is_corrupt(tmp_path):
+    from safetensors.torch import save
+
+    store = DiskStore(tmp_path)
+    store.put(KEY, synthetic_chunk(6))
+    path = store.path_for(KEY)
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        meta = {k: v for k, v in f.metadata().items() if k != "xxh3_128"}
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    unchecked = save(tensors, metadata=meta)
+    path.write_bytes(unchecked)
+    assert store.get(KEY, "fp-a") is None and store.corrupt == 1 and not path.exists()
+    path.write_bytes(unchecked)
+    assert not store.contains(KEY, "fp-a") and store.corrupt == 2
+
+
+def test_fetched_tensors_are_private_to_the_reader(tmp_path):
+    """get() returns views of its own read buffer: writing to them changes neither the file nor
+    the next fetch."""
+    store = DiskStore(tmp_path)
+    chunk = synthetic_chunk(8)
+    store.put(KEY, chunk)
+    first = store.get(KEY, chunk.fingerprint)
+    first.keys.zero_()
+    again = store.get(KEY, chunk.fingerprint)
+    assert torch.equal(again.keys, chunk.keys) and store.verify() == []
 
 
 def test_garbage_file_is_corrupt(tmp_path):
