@@ -95,6 +95,41 @@ def test_selected_token_never_attends_to_a_later_position():
     assert not torch.allclose(out1[1], out2[1]), "token at position 30 should see positions 6..29"
 
 
+def test_probe_attention_with_scores_equals_the_fused_kernel_and_dense_probabilities():
+    """The probe path (one float32 QK product for output and scores) vs the fused kernel for the
+    outputs, and vs a dense softmax computed here for the scores, on scattered positions."""
+    engine = tiny_engine("llama")
+    model = engine.model
+    n = 50
+    torch.manual_seed(3)
+    ids = torch.randint(5, 300, (n,))
+    runner = LayerRunner(model, ids, block_size=4)  # several query blocks
+    layers, heads, dim = len(model.model.layers), model.config.num_key_value_heads, 16
+    keys, values = torch.randn(layers, heads, n, dim), torch.randn(layers, heads, n, dim)
+    positions = torch.tensor([2, 9, 10, 17, 30, 31, 44, 45])
+    rows = torch.tensor([False, True, False, True, True, False, True, True])
+    hidden = runner.embeddings[positions]
+    plain = runner.run(1, hidden, positions, keys.clone(), values.clone())
+    scores = torch.zeros(n)
+    k1, v1 = keys.clone(), values.clone()
+    probed = runner.run(1, hidden, positions, k1, v1, attention_scores=scores, score_rows=rows)
+    assert (plain - probed).abs().max().item() <= 1e-5
+    # dense reference for the scores from the K written by the layer and the layer's own queries
+    attn = model.model.layers[1].self_attn
+    normed = model.model.layers[1].input_layernorm(hidden.unsqueeze(0))
+    q = attn.q_proj(normed).view(1, len(positions), -1, dim).transpose(1, 2)
+    cos, sin = runner.cos[positions].unsqueeze(0), runner.sin[positions].unsqueeze(0)
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    q, _ = apply_rotary_pos_emb(q, q, cos, sin)
+    k = k1[1].repeat_interleave(q.shape[1] // heads, dim=0)  # [heads, n, dim]
+    logits = torch.einsum("hsd,hkd->hsk", q[0], k) * dim ** -0.5
+    logits.masked_fill_(torch.arange(n)[None, None, :] > positions[None, :, None], float("-inf"))
+    expected = torch.softmax(logits, dim=-1)[:, rows].sum(dim=(0, 1))
+    assert torch.allclose(scores, expected, atol=1e-5)
+    assert scores[positions[-1] + 1:].abs().max().item() == 0 and abs(scores.sum().item() - q.shape[1] * int(rows.sum())) < 1e-3
+
+
 def test_selection_by_key_and_sinks_run():
     engine = tiny_engine("llama", selection="key", sink_tokens=4)
     engine.warm(DOCS)
