@@ -299,6 +299,10 @@ def blend(model, input_ids: torch.Tensor, reused: torch.Tensor, keys: torch.Tens
         # Reuse only: the stored KV stand as they are; only the must-compute tokens run.
         selected = all_pos[must]
         hidden = run_from(0, runner.embeddings[selected], selected)
+    elif ratio >= 1.0:
+        # Every candidate is recomputed: nothing to rank, so no probe and no check layer.
+        selected = all_pos[_keep(must, candidates)]
+        hidden = run_from(0, runner.embeddings[selected], selected)
     elif config.selection == "attention":
         selected, hidden = _attention_guided(runner, run_from, reused, unstored, must, candidates, ratio, n, device)
     else:

@@ -36,6 +36,26 @@ def test_ratio_one_equals_full_prefill(kind):
     assert (full.logits - blended.logits).abs().max().item() <= 1e-4
 
 
+@pytest.mark.parametrize("selection", ["value", "key", "attention"])
+def test_ratio_one_skips_ranking_and_equals_full_prefill(selection, monkeypatch):
+    """At ratio 1.0 every token is recomputed, so neither the probe nor the check layer runs."""
+    import kvboost_rag.blend as blend_module
+
+    def must_not_run(*args, **kwargs):
+        raise AssertionError("a ranking pass ran at ratio 1.0")
+
+    monkeypatch.setattr(blend_module, "_attention_guided", must_not_run)
+    monkeypatch.setattr(blend_module, "_deviation_guided", must_not_run)
+    engine = tiny_engine("llama", selection=selection)
+    engine.warm(DOCS)
+    prompt = _prompt(engine, [1, 3, 2, 0])
+    full = engine.prefill(prompt, strategy="full")
+    blended = engine.prefill(prompt, recompute_ratio=1.0)
+    assert blended.stats["reused_tokens"] == 0
+    assert _max_kv_diff(full, blended) <= 1e-4
+    assert (full.logits - blended.logits).abs().max().item() <= 1e-4
+
+
 @pytest.mark.parametrize("kind", ["llama", "qwen2"])
 @pytest.mark.parametrize("selection", ["value", "key", "attention"])
 def test_partial_ratio_recomputes_the_requested_share(kind, selection):
