@@ -16,7 +16,7 @@ Why it is safe to crash, to run two writers, and to read while writing:
   to parse): it is then a miss, counted in ``corrupt``, logged, listed in ``corrupt_keys``, removed
   so that the next warm or use recomputes it, and never served. XXH3 detects damage, not
   tampering (the store is trusted like any cache directory); it hashes ~25 GB/s where sha256 did
-  ~1.5, which took a cold 8-document fetch from ~140 to ~45 ms. Entries written with the earlier
+  ~1.5, which took an 8-document fetch (page cache warm) from ~140 to ~40 ms. Entries written with the earlier
   ``sha256`` field are still verified with sha256.
 * **Model isolation**: the header records the model fingerprint; an entry made by another model is
   never returned (``get`` -> None, ``contains`` -> False), whatever the key.
@@ -143,7 +143,6 @@ def _parse_file(data: Union[bytes, bytearray]) -> Tuple[Dict[str, str], List[Tup
     if base + end_max != len(data):
         raise ValueError(f"file is {len(data)} bytes, header describes {base + end_max} (truncated or padded)")
     return metadata, pieces
-
 
 
 def _read_file(path: Path) -> bytearray:
