@@ -117,10 +117,10 @@ def blended_attention(module, query, key, value, attention_mask, dropout: float 
     out = torch.empty((1, kv_heads, groups, length, value.shape[-1]), dtype=query.dtype, device=query.device)
     for index, b0 in enumerate(range(0, length, block)):
         n = min(block, length - b0)
-        allowed, mask = masks[index] if index < len(masks) else _block_mask(positions[b0: b0 + n], groups, query.dtype)
+        mask = masks[index] if index < len(masks) else _block_mask(positions[b0: b0 + n], groups, query.dtype)
         if index == len(masks):
-            masks.append((allowed, mask))  # the selected positions are the same in every layer
-        end = allowed.shape[1]
+            masks.append(mask)  # the selected positions are the same in every layer
+        end = mask.shape[-1]
         q = grouped[:, :, :, b0: b0 + n].reshape(1, kv_heads, groups * n, dim)
         k, v = key[:, :, :end], value[:, :, :end]
         rows = score_rows[b0: b0 + n] if scores is not None else None
@@ -145,15 +145,15 @@ def _attention_and_probabilities(q, k, v, mask, scale):
     return torch.matmul(probs, v.float()).to(q.dtype), probs
 
 
-def _block_mask(pos: torch.Tensor, groups: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """Causal mask by absolute position for one query block: ``allowed`` [n, end] and the additive
-    float mask [1, 1, groups * n, end] (the CPU flash kernel runs ~40% faster with a float mask
+def _block_mask(pos: torch.Tensor, groups: int, dtype: torch.dtype) -> torch.Tensor:
+    """Causal mask by absolute position for one query block, additive and float: [1, 1, groups * n,
+    end] with ``end`` = last position + 1 (the CPU flash kernel runs ~40% faster with a float mask
     than with a bool one)."""
     end = int(pos[-1]) + 1
     allowed = torch.arange(end, device=pos.device).unsqueeze(0) <= pos.unsqueeze(1)
     mask = torch.zeros((groups * pos.shape[0], end), dtype=dtype, device=pos.device)
     mask.masked_fill_(~allowed.repeat(groups, 1), float("-inf"))
-    return allowed, mask[None, None]
+    return mask[None, None]
 
 
 def _register_attention() -> None:
@@ -295,13 +295,10 @@ def blend(model, input_ids: torch.Tensor, reused: torch.Tensor, keys: torch.Tens
             hidden = runner.run(layer_idx, hidden, selected, keys, values, **capture)
         return hidden
 
-    if ratio == 0.0 or candidates.numel() == 0:
-        # Reuse only: the stored KV stand as they are; only the must-compute tokens run.
-        selected = all_pos[must]
-        hidden = run_from(0, runner.embeddings[selected], selected)
-    elif ratio >= 1.0:
-        # Every candidate is recomputed: nothing to rank, so no probe and no check layer.
-        selected = all_pos[_keep(must, candidates)]
+    if ratio == 0.0 or ratio >= 1.0 or candidates.numel() == 0:
+        # Nothing to rank, so no probe and no check layer: reuse only (the stored KV stand as they
+        # are and only the must-compute tokens run) or every candidate recomputed.
+        selected = all_pos[_keep(must, candidates if ratio >= 1.0 else candidates[:0])]
         hidden = run_from(0, runner.embeddings[selected], selected)
     elif config.selection == "attention":
         selected, hidden = _attention_guided(runner, run_from, reused, unstored, must, candidates, ratio, n, device)

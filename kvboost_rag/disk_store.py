@@ -157,7 +157,7 @@ def _read_file(path: Path) -> bytearray:
 def _tensor_view(data: bytearray, dtype: str, shape: List[int], offset: int, nbytes: int) -> torch.Tensor:
     """A tensor sharing ``nbytes`` of ``data`` from ``offset`` (safetensors aligns them to 8 bytes)."""
     torch_dtype = getattr(torch, dtype)
-    count = nbytes // torch.empty((), dtype=torch_dtype).element_size()
+    count = nbytes // torch_dtype.itemsize
     if count == 0:
         return torch.empty(shape, dtype=torch_dtype)
     return torch.frombuffer(data, dtype=torch_dtype, count=count, offset=offset).view(shape)
