@@ -14,15 +14,16 @@ from __future__ import annotations
 import argparse
 import statistics
 
-from kvboost_rag import KVBoostEngine, corpora
+from kvboost_rag import KVBoostEngine
 from kvboost_rag import generate as generate_module
-from kvboost_rag.bench import build_prompt
+from kvboost_rag_bench import datasets
+from kvboost_rag_bench.runner import build_prompt
 
 
 def prompts_for(engine: KVBoostEngine, k: int, n: int) -> list:
-    docs, queries = corpora.builtin_dataset(lambda text: len(engine.tokenize_document(text)))
+    docs, queries = datasets.builtin_dataset(lambda text: len(engine.tokenize_document(text)))
     by_id = {d.id: d for d in docs}
-    corpora.attach_doc_ids(docs, queries, k)
+    datasets.attach_doc_ids(docs, queries, k)
     out = []
     for query in queries[:n]:
         texts = [by_id[i].text for i in query.doc_ids[:k]]

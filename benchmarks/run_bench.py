@@ -1,4 +1,4 @@
-"""Thin wrapper around ``kvboost-rag bench`` (:mod:`kvboost_rag.bench`).
+"""Thin wrapper around ``kvboost-rag bench`` (package :mod:`kvboost_rag_bench`, beside this script).
 
     python benchmarks/run_bench.py [bench arguments]    # same as `kvboost-rag bench ...`
     python benchmarks/run_bench.py --suite [--out DIR] [--max-queries N] [extra bench arguments]
@@ -37,7 +37,7 @@ def run_suite(argv: list[str]) -> int:
     out.mkdir(parents=True, exist_ok=True)
     status = 0
     for name, args in SUITE:
-        cmd = [sys.executable, "-m", "kvboost_rag.bench", *args, "--json", str(out / f"{name}.json"), *extra]
+        cmd = [sys.executable, "-m", "kvboost_rag_bench", *args, "--json", str(out / f"{name}.json"), *extra]
         if opts.max_queries:
             cmd += ["--max-queries", str(opts.max_queries)]
         print("$ " + " ".join(cmd), flush=True)
@@ -50,7 +50,7 @@ def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if "--suite" in argv:
         return run_suite(argv)
-    from kvboost_rag.bench import main as bench_main
+    from kvboost_rag_bench.cli import main as bench_main
     return bench_main(argv)
 
 

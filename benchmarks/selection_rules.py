@@ -20,10 +20,10 @@ import warnings
 import torch
 
 from kvboost_rag import KVBoostEngine
-from kvboost_rag.bench import build_prompt
 from kvboost_rag.blend import BlendConfig
-from kvboost_rag.corpora import attach_doc_ids, builtin_dataset
 from kvboost_rag.fidelity import greedy_reference, kl_top1
+from kvboost_rag_bench.datasets import attach_doc_ids, builtin_dataset
+from kvboost_rag_bench.runner import build_prompt
 
 RULES = {
     "value@0.15": dict(selection="value", recompute_ratio=0.15),
@@ -81,7 +81,7 @@ def main() -> None:
             kl, top1 = kl_top1(ref, engine.teacher_forced_logits(pre, answer))
             rows[name].append(dict(top1=top1, kl=kl,
                                    speedup=full_ttft / pre.ttft_s, tokens=len(pre.input_ids),
-                                   computed=(pre.stats["recomputed_tokens"] + pre.stats["fresh_tokens"]) / len(pre.input_ids)))
+                                   computed=(pre.stats.recomputed_tokens + pre.stats.fresh_tokens) / len(pre.input_ids)))
         print(f"{q.id}: " + "  ".join(f"{n}={rows[n][-1]['top1']:.2f}/{rows[n][-1]['kl']:.3f}/{rows[n][-1]['speedup']:.1f}x"
                                      for n in rules), flush=True)
     summary = {}

@@ -24,10 +24,10 @@ import warnings
 import torch
 
 from kvboost_rag import KVBoostEngine, warm_corpus
-from kvboost_rag.bench import build_prompt
-from kvboost_rag.corpora import builtin_dataset
 from kvboost_rag.disk_store import DiskStore
 from kvboost_rag.store import MemoryStore
+from kvboost_rag_bench.datasets import builtin_dataset
+from kvboost_rag_bench.runner import build_prompt
 
 
 def drop_page_cache() -> bool:

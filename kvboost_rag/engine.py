@@ -1,57 +1,57 @@
 """The public facade: warm documents once, answer prompts that contain them in any order.
 
-Query-time data path, top to bottom (see :meth:`KVBoostEngine.prefill`):
-prompt -> segments -> token ids -> fetch each document's chunk from the store (and the exact KV
-of the text before the first document, from the prefix cache) -> re-rotate its keys to the
-document's position in this prompt -> blend (selective recompute) -> first token's logits ->
-decode loop.
+Query-time data path, top to bottom (see :meth:`KVBoostEngine.prefill`), one module per step:
+prompt -> :mod:`.segments` (segments, token ids) -> :mod:`.assemble` (fetch each document's chunk
+from the store and the exact KV of the text before the first document from the prefix cache;
+re-rotate keys to the document's position in this prompt) -> :mod:`.blend` (selective recompute)
+-> :mod:`.prefill` (first token's logits, stats) -> :mod:`.generate` (decode loop).
+
+The engine holds what those free functions share (model, adapter, store, config), the lock and
+the clock; it does no model math itself.
 """
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import threading
 import time
-from dataclasses import dataclass
 from typing import Callable, Iterable, Iterator, Optional, Sequence, Union
 
 import torch
-from transformers import DynamicCache
 
-from .blend import BlendConfig, blend
+from .adapters import adapter_for
+from .assemble import PrefixCache, fetch_documents
+from .blend import BlendConfig
 from .chunk import KVChunk
+from .config import STRATEGIES, EngineConfig
 from .encode import ChunkEncoder
 from .errors import ContextWindowError, EmptyInputError, InvalidConfigError
 from .generate import GenerationResult, SamplingParams, decode, eos_token_ids, now
+from .indexing import index_documents
 from .keys import ENCODING_VERSION, chunk_key
-from .model import check_architecture, check_model_layout, load_model_and_tokenizer, model_fingerprint
+from .model import check_architecture, load_model_and_tokenizer, model_fingerprint
+from .prefill import Prefill, PrefillStats, as_cache, blended_prefill, full_prefill
 from .rope import RopeRotator
 from .segments import (DocumentDetector, Prompt, Segment, TokenizedPrompt, normalize_segments, tokenize_segments,
                        tokenize_text)
+from .sources import iter_documents
 from .store import KVStore, MemoryStore
 from .streaming import TokenStream
 
+__all__ = ["KVBoostEngine", "EngineConfig", "Prefill", "PrefillStats", "STRATEGIES", "LazyEngineMixin"]
 
-STRATEGIES = ("full", "reuse", "cacheblend")
 DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant. Answer the question using the documents provided."
 _DOC_SENTINEL = "\ue000KVBOOST_DOC_{}\ue001"
-
-
-@dataclass
-class Prefill:
-    """A prompt's KV cache and first-token logits, plus what producing them cost."""
-
-    input_ids: list[int]
-    cache: DynamicCache
-    logits: torch.Tensor
-    ttft_s: float
-    stats: dict
+# Distinct document texts whose token ids an engine keeps (LRU); a miss only re-tokenizes.
+_TOKENIZED_DOCS_CACHE = 8192
 
 
 class KVBoostEngine:
     """Pre-encoded document KV, reused in any order, repaired with CacheBlend.
 
-    Build it from loaded Hugging Face objects, or with :meth:`from_pretrained`.
+    Build it from loaded Hugging Face objects, or with :meth:`from_pretrained`; configure it with
+    an :class:`~kvboost_rag.config.EngineConfig` or the same fields as keyword arguments.
     ``strategy`` is the default for every call: ``"cacheblend"`` (selective recompute),
     ``"reuse"`` (re-rotation only) or ``"full"`` (plain prefill, the baseline).
 
@@ -62,37 +62,38 @@ class KVBoostEngine:
     ``benchmarks/selection_rules.py`` and the README.
     """
 
-    def __init__(self, model, tokenizer, store: Optional[KVStore] = None, *, strategy: str = "cacheblend",
-                 recompute_ratio: float = 0.1, selection: str = "attention", check_layer: int = 1,
-                 sink_tokens: int = 4, block_size: int = 128, preamble: Optional[str] = None,
-                 model_name: Optional[str] = None, prefix_cache_bytes: int = 256 << 20) -> None:
-        check_architecture(model.config, warn_untested=True)
-        check_model_layout(model)
-        if strategy not in STRATEGIES:
-            raise InvalidConfigError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
+    def __init__(self, model, tokenizer, store: Optional[KVStore] = None, *,
+                 config: Optional[EngineConfig] = None, **options) -> None:
+        self.config = EngineConfig.from_kwargs(config, **options)
+        check_architecture(model.config)
+        self.adapter = adapter_for(model)
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.store: KVStore = store if store is not None else MemoryStore()
-        # Exact KV of the text in front of the first document (system prompt, instructions). It
-        # sits at position 0 and attends only to itself, so once computed it is exact for every
-        # later prompt that starts the same way (vLLM-style prefix caching); 0 turns it off.
-        self.prefix_cache = MemoryStore(max_bytes=prefix_cache_bytes) if prefix_cache_bytes else None
-        self.strategy = strategy
-        self.blend_config = BlendConfig(recompute_ratio=recompute_ratio, selection=selection,
-                                        check_layer=check_layer, sink_tokens=sink_tokens, block_size=block_size)
-        self.model_name = model_name or getattr(model.config, "_name_or_path", None) or model.config.model_type
+        self.model_name = (self.config.model_name or getattr(model.config, "_name_or_path", None)
+                           or model.config.model_type)
         self.fingerprint = model_fingerprint(model, tokenizer)
+        self.prefix_cache = (PrefixCache(self.fingerprint, self.config.prefix_cache_bytes)
+                             if self.config.prefix_cache_bytes else None)
         self.context_window = int(getattr(model.config, "max_position_embeddings", 2048))
-        self.rotator = RopeRotator(model)
+        self.rotator = RopeRotator(self.adapter.inv_freq(model))
         self.eos_ids = eos_token_ids(model, tokenizer)
-        self.preamble_text = preamble if preamble is not None else self._default_preamble()
+        self._tokenize_document = functools.lru_cache(maxsize=_TOKENIZED_DOCS_CACHE)(self._tokenize_uncached)
+        self.preamble_text = self.config.preamble if self.config.preamble is not None else self._default_preamble()
         self.preamble_ids = tokenize_segments(tokenizer, [Segment("text", self.preamble_text)],
                                               self.tokenize_document).input_ids if self.preamble_text else []
         self.encoder = ChunkEncoder(model, self.preamble_ids, self.fingerprint, ENCODING_VERSION)
         self.detector = DocumentDetector()
-        self._doc_ids: dict[str, list[int]] = {}
         self._lock = threading.RLock()
         self._load_detector_from_store()
+
+    @property
+    def strategy(self) -> str:
+        return self.config.strategy
+
+    @property
+    def blend_config(self) -> BlendConfig:
+        return self.config.blend
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -140,14 +141,12 @@ class KVBoostEngine:
         """The ids a document is encoded with and reused with (tokenized alone, no specials)."""
         if not text or not text.strip():
             raise EmptyInputError("A document is empty; there is nothing to encode.")
-        ids = self._doc_ids.get(text)
-        if ids is None:
-            ids = tokenize_text(self.tokenizer, text)
-            if not ids:
-                raise EmptyInputError("A document tokenizes to no tokens.")
-            if len(self._doc_ids) > 50_000:
-                self._doc_ids.clear()
-            self._doc_ids[text] = ids
+        return list(self._tokenize_document(text))
+
+    def _tokenize_uncached(self, text: str) -> tuple[int, ...]:
+        ids = tuple(tokenize_text(self.tokenizer, text))
+        if not ids:
+            raise EmptyInputError("A document tokenizes to no tokens.")
         return ids
 
     def chunk_key(self, token_ids: Sequence[int]) -> str:
@@ -176,12 +175,10 @@ class KVBoostEngine:
         return self.store.contains(self.key_for_text(text), self.fingerprint)
 
     def warm(self, texts: Iterable[str], *, batch_size: int = 8, progress: bool = False):
-        """Encode every document the store lacks, store it, and register it for detection.
-
-        A thin call of :func:`kvboost_rag.warm.warm_corpus` (which also takes files, framework
-        document types, ``render`` and the Ray backend); returns its :class:`WarmReport`."""
-        from .warm import warm_corpus
-        return warm_corpus(list(texts), self, batch_size=batch_size, progress=progress)
+        """Encode every document the store lacks, store it, and register it for detection; returns
+        a :class:`~kvboost_rag.indexing.WarmReport`. (:func:`kvboost_rag.warm.warm_corpus` also
+        takes files, framework document types, ``render`` and the Ray backend.)"""
+        return index_documents(self, list(iter_documents(list(texts))), batch_size=batch_size, progress=progress)
 
     # ------------------------------------------------------------------ prompts
     def segments(self, prompt: Prompt) -> list[Segment]:
@@ -242,10 +239,10 @@ class KVBoostEngine:
         if strategy not in STRATEGIES:
             raise InvalidConfigError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
         config = self.blend_config
+        if strategy == "reuse":
+            return strategy, dataclasses.replace(config, recompute_ratio=0.0, sink_tokens=0)
         if recompute_ratio is not None:
             config = dataclasses.replace(config, recompute_ratio=recompute_ratio)
-        if strategy == "reuse":
-            config = dataclasses.replace(config, recompute_ratio=0.0, sink_tokens=0)
         return strategy, config
 
     def _check_window(self, n_prompt: int, n_new: int) -> None:
@@ -253,75 +250,6 @@ class KVBoostEngine:
             raise ContextWindowError(
                 f"The prompt has {n_prompt} tokens and {n_new} more would be generated, but the model's "
                 f"context window is {self.context_window}; retrieve fewer or shorter documents.")
-
-    def _fetch(self, tokenized: TokenizedPrompt) -> list[tuple[int, KVChunk]]:
-        """Stored chunks of the prompt's documents, with their start positions (misses skipped)."""
-        found = []
-        for start, end, seg in tokenized.documents:
-            ids = tokenized.input_ids[start:end]
-            chunk = self._stored_chunk(self.store, self.chunk_key(ids), ids)
-            if chunk is not None:
-                found.append((start, chunk))
-        return found
-
-    def _stored_chunk(self, store: KVStore, key: str, ids: Sequence[int]) -> Optional[KVChunk]:
-        """The entry under ``key`` if it was made by this model for exactly these token ids."""
-        chunk = store.get(key, self.fingerprint)
-        return chunk if chunk is not None and list(chunk.token_ids) == list(ids) else None
-
-    def _prefix_key(self, ids: Sequence[int]) -> str:
-        return chunk_key(self.fingerprint, (), ids, ENCODING_VERSION + "/prefix")
-
-    def _prefix_ids(self, tokenized: TokenizedPrompt) -> list[int]:
-        """Ids of the text before the first document (empty when a document comes first)."""
-        if self.prefix_cache is None or not tokenized.documents:
-            return []
-        return tokenized.input_ids[: tokenized.documents[0][0]]
-
-    def _fetch_prefix(self, tokenized: TokenizedPrompt) -> Optional[KVChunk]:
-        ids = self._prefix_ids(tokenized)
-        return self._stored_chunk(self.prefix_cache, self._prefix_key(ids), ids) if ids else None
-
-    def _remember_prefix(self, tokenized: TokenizedPrompt, keys: torch.Tensor, values: torch.Tensor) -> None:
-        """Keep the exact KV the blend computed for the leading text (every layer, attending only
-        to itself) for the next prompt that starts the same way."""
-        ids = self._prefix_ids(tokenized)
-        if len(ids) < 2:
-            return
-        p = len(ids)
-        self.prefix_cache.put(self._prefix_key(ids), KVChunk(
-            keys=keys[:, :, :p].clone(), values=values[:, :, :p].clone(), start=0,
-            token_ids=tuple(ids), fingerprint=self.fingerprint, text=None, meta={"kind": "prefix"}))
-
-    def _assemble(self, n: int, found: list[tuple[int, KVChunk]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Blend buffers with each stored chunk re-rotated to its position in this prompt."""
-        ref = found[0][1]
-        layers, heads, _, dim = ref.keys.shape
-        dtype = self.model.get_input_embeddings().weight.dtype
-        keys = torch.empty((layers, heads, n, dim), dtype=dtype, device=self.device)
-        values = torch.empty_like(keys)
-        reused = torch.zeros(n, dtype=torch.bool, device=self.device)
-        for start, chunk in found:
-            end = start + chunk.num_tokens
-            k = chunk.keys.to(device=self.device, dtype=dtype, non_blocking=True)
-            self.rotator.rotate_into(keys[:, :, start:end], k, start - chunk.start)
-            values[:, :, start:end].copy_(chunk.values, non_blocking=True)
-            reused[start:end] = True
-        return keys, values, reused
-
-    def _as_cache(self, keys: torch.Tensor, values: torch.Tensor) -> DynamicCache:
-        """Wrap blend buffers as a DynamicCache without copying them."""
-        cache = DynamicCache(config=self.model.config)
-        if len(cache.layers) != keys.shape[0]:
-            cache = DynamicCache()
-            for layer_idx in range(keys.shape[0]):
-                cache.update(keys[layer_idx].unsqueeze(0), values[layer_idx].unsqueeze(0), layer_idx)
-            return cache
-        for layer_idx, layer in enumerate(cache.layers):
-            k, v = keys[layer_idx].unsqueeze(0), values[layer_idx].unsqueeze(0)
-            layer.lazy_initialization(k, v)
-            layer.keys, layer.values = k, v
-        return cache
 
     @torch.inference_mode()
     def prefill(self, prompt: Prompt, strategy: Optional[str] = None, recompute_ratio: Optional[float] = None,
@@ -334,33 +262,24 @@ class KVBoostEngine:
             n = len(tokenized)
             self._check_window(n, max_new_tokens)
             input_ids = torch.tensor(tokenized.input_ids, device=self.device)
-            found = self._fetch(tokenized) if strategy != "full" else []
-            prefix = None
+            found = (fetch_documents(self.store, tokenized, self.chunk_key, self.fingerprint)
+                     if strategy != "full" else [])
+            stats = PrefillStats(prompt_tokens=n, strategy=strategy, documents=len(tokenized.documents),
+                                 documents_reused=len(found),
+                                 recompute_ratio={"full": 1.0, "reuse": 0.0}.get(strategy, config.recompute_ratio))
             if not found:
-                out = self.model(input_ids=input_ids.unsqueeze(0), use_cache=True, logits_to_keep=1)
-                logits, cache = out.logits[0, -1].float(), out.past_key_values
-                stats = dict(reused_tokens=0, recomputed_tokens=0, fresh_tokens=n, prefix_cached_tokens=0)
+                logits, cache = full_prefill(self.model, input_ids)
+                stats.fresh_tokens = n
             else:
-                prefix = self._fetch_prefix(tokenized)
-                exact = None
-                if prefix is not None:
-                    exact = torch.zeros(n, dtype=torch.bool, device=self.device)
-                    exact[: prefix.num_tokens] = True
-                keys, values, reused = self._assemble(n, found + ([(0, prefix)] if prefix is not None else []))
-                result = blend(self.model, input_ids, reused, keys, values, config,
-                               doc_starts=[s for s, _ in found], exact=exact)
-                logits = result.logits
-                cache = self._as_cache(result.keys, result.values)
-                n_reused = int(reused.sum())
-                stats = dict(reused_tokens=n_reused - result.recomputed_tokens,
-                             recomputed_tokens=result.recomputed_tokens, fresh_tokens=result.fresh_tokens,
-                             prefix_cached_tokens=prefix.num_tokens if prefix is not None else 0)
+                prefix = self.prefix_cache.fetch(tokenized) if self.prefix_cache is not None else None
+                result = blended_prefill(self.model, self.adapter, input_ids, found, prefix, self.rotator, config)
+                logits, cache = result.logits, as_cache(result.keys, result.values, self.model.config)
+                stats.recomputed_tokens, stats.fresh_tokens = result.recomputed_tokens, result.fresh_tokens
+                stats.reused_tokens = n - result.fresh_tokens - result.recomputed_tokens
+                stats.prefix_cached_tokens = prefix.num_tokens if prefix is not None else 0
             ttft = now(self.device) - t0
-            if found and prefix is None:
-                self._remember_prefix(tokenized, keys, values)  # after TTFT: not on this answer's clock
-        stats.update(prompt_tokens=n, strategy=strategy,
-                     recompute_ratio=0.0 if strategy == "reuse" else (1.0 if strategy == "full" else config.recompute_ratio),
-                     documents=len(tokenized.documents), documents_reused=len(found))
+            if found and prefix is None and self.prefix_cache is not None:
+                self.prefix_cache.remember(tokenized, result.keys, result.values)  # after TTFT: off this answer's clock
         return Prefill(tokenized.input_ids, cache, logits, ttft, stats)
 
     def _run(self, prompt: Prompt, params: SamplingParams, strategy, recompute_ratio) -> Iterator[tuple[str, Optional[GenerationResult]]]:
@@ -384,12 +303,12 @@ class KVBoostEngine:
         decode_s = max(total - pre.ttft_s, 1e-9)
         s = pre.stats
         yield "", GenerationResult(
-            text="".join(text_parts), token_ids=ids, finish_reason=finish, prompt_tokens=s["prompt_tokens"],
-            reused_tokens=s["reused_tokens"], recomputed_tokens=s["recomputed_tokens"], fresh_tokens=s["fresh_tokens"],
+            text="".join(text_parts), token_ids=ids, finish_reason=finish, prompt_tokens=s.prompt_tokens,
+            reused_tokens=s.reused_tokens, recomputed_tokens=s.recomputed_tokens, fresh_tokens=s.fresh_tokens,
             completion_tokens=len(ids), ttft_s=pre.ttft_s, total_s=total,
-            tokens_per_s=len(ids) / decode_s if ids else 0.0, strategy=s["strategy"],
-            recompute_ratio=s["recompute_ratio"], prefix_cached_tokens=s["prefix_cached_tokens"],
-            extra={"documents": s["documents"], "documents_reused": s["documents_reused"]})
+            tokens_per_s=len(ids) / decode_s if ids else 0.0, strategy=s.strategy,
+            recompute_ratio=s.recompute_ratio, prefix_cached_tokens=s.prefix_cached_tokens,
+            extra={"documents": s.documents, "documents_reused": s.documents_reused})
 
     def generate(self, prompt: Prompt, *, max_new_tokens: int = 128, temperature: float = 0.0, top_p: float = 1.0,
                  top_k: int = 0, seed: Optional[int] = None, stop: Optional[Sequence[str]] = None,

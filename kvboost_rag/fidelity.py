@@ -68,9 +68,9 @@ def compare_to_full(engine, prompts: Sequence, n_tokens: int = 32, strategy: Opt
             "top1_agreement": top1,
             "kl_mean": kl,
             "answer_tokens": len(answer),
-            "reused_tokens": pre.stats["reused_tokens"],
-            "recomputed_tokens": pre.stats["recomputed_tokens"],
-            "fresh_tokens": pre.stats["fresh_tokens"],
+            "reused_tokens": pre.stats.reused_tokens,
+            "recomputed_tokens": pre.stats.recomputed_tokens,
+            "fresh_tokens": pre.stats.fresh_tokens,
         })
     n = max(len(rows), 1)
     return {

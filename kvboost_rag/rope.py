@@ -12,35 +12,30 @@ rotary models rotate only their first ``rotary_dim`` channels. Layout is the Hug
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from .errors import UnsupportedModelError
 
 
 class RopeRotator:
-    """Rotates key tensors ``[..., tokens, head_dim]`` by a position delta."""
+    """Rotates key tensors ``[..., tokens, head_dim]`` by a position delta.
 
-    def __init__(self, model) -> None:
-        rotary = getattr(getattr(model, "model", None), "rotary_emb", None)
-        inv_freq = getattr(rotary, "inv_freq", None)
-        if inv_freq is None:
-            raise UnsupportedModelError(f"{type(model).__name__} exposes no rotary inv_freq to re-rotate keys with")
+    ``inv_freq``: the model's rotary inverse frequencies (``adapter.inv_freq(model)``, see
+    :mod:`kvboost_rag.adapters`); ``rotary_dim`` is twice their count."""
+
+    def __init__(self, inv_freq: torch.Tensor) -> None:
         self.inv_freq = inv_freq.detach().to("cpu", torch.float64)
         self.rotary_dim = 2 * self.inv_freq.numel()
-        self._cache: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+        # one entry per (delta, dtype, device): deltas repeat across prompts (same document slots)
+        self.cos_sin = functools.lru_cache(maxsize=4096)(self._cos_sin)
 
-    def cos_sin(self, delta: int, dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    def _cos_sin(self, delta: int, dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """cos/sin of ``delta * inv_freq`` laid out as ``[rotary_dim]`` (computed in float64)."""
-        key = (int(delta), dtype, str(device))
-        hit = self._cache.get(key)
-        if hit is None:
-            angles = float(delta) * self.inv_freq
-            angles = torch.cat([angles, angles])
-            hit = (angles.cos().to(device=device, dtype=dtype), angles.sin().to(device=device, dtype=dtype))
-            if len(self._cache) > 4096:
-                self._cache.clear()
-            self._cache[key] = hit
-        return hit
+        angles = float(delta) * self.inv_freq
+        angles = torch.cat([angles, angles])
+        return angles.cos().to(device=device, dtype=dtype), angles.sin().to(device=device, dtype=dtype)
 
     def rotate(self, keys: torch.Tensor, delta: int) -> torch.Tensor:
         """A new tensor: ``keys`` moved by ``delta`` positions."""
@@ -57,7 +52,7 @@ class RopeRotator:
         if delta == 0:
             out.copy_(keys)
             return
-        cos, sin = self.cos_sin(delta, keys.dtype, keys.device)
+        cos, sin = self.cos_sin(int(delta), keys.dtype, keys.device)
         half = rd // 2
         k1, k2 = keys[..., :half], keys[..., half:rd]
         c, s = cos[:half], sin[:half]  # both halves share the same angles

@@ -23,8 +23,9 @@ class KVStore(Protocol):
     def get(self, key: str, fingerprint: str) -> Optional[KVChunk]:
         """The chunk stored under ``key`` if it exists, is intact and was made by ``fingerprint``."""
 
-    def put(self, key: str, chunk: KVChunk) -> None:
-        """Store ``chunk`` under ``key`` (idempotent: an existing intact entry may be kept)."""
+    def put(self, key: str, chunk: KVChunk) -> int:
+        """Store ``chunk`` under ``key`` (idempotent: an existing intact entry may be kept);
+        returns the bytes the entry takes in this store (0 when it was not kept)."""
 
     def contains(self, key: str, fingerprint: str) -> bool:
         """Whether a usable entry exists, without loading its tensors where the tier allows."""
@@ -73,20 +74,21 @@ class MemoryStore:
             chunk = self._entries.get(key)
             return chunk is not None and chunk.fingerprint == fingerprint
 
-    def put(self, key: str, chunk: KVChunk) -> None:
+    def put(self, key: str, chunk: KVChunk) -> int:
         size = chunk.nbytes
         with self._lock:
             old = self._entries.pop(key, None)
             if old is not None:
                 self._bytes -= old.nbytes
             if self.max_bytes is not None and size > self.max_bytes:
-                return
+                return 0
             self._entries[key] = chunk
             self._bytes += size
             while self.max_bytes is not None and self._bytes > self.max_bytes:
                 _, evicted = self._entries.popitem(last=False)
                 self._bytes -= evicted.nbytes
                 self.evictions += 1
+        return size
 
     def texts(self, fingerprint: str) -> Iterator[tuple[str, str]]:
         with self._lock:

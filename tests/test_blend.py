@@ -1,13 +1,17 @@
 """Correctness of the blend against the exact path (a full prefill), on tiny random models."""
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
 from kvboost_rag import Segment
-from kvboost_rag.blend import BlendConfig, LayerRunner
+from kvboost_rag.adapters import adapter_for
+from kvboost_rag.assemble import assemble, fetch_documents
+from kvboost_rag.blend import SELECTION_RULES, LayerRunner
 
-from tiny import DOCS, tiny_engine
+from kvboost_rag_bench.testing import DOCS, tiny_engine
 
 ARCHITECTURES = ["llama", "qwen2", "qwen3", "mistral", "phi3", "gemma"]
 
@@ -16,6 +20,10 @@ def _prompt(engine, order):
     return ([Segment.text("<|im_start|>user\nRead these.\n\n")]
             + [s for i in order for s in (Segment.document(DOCS[i]), Segment.text("\n\n"))]
             + [Segment.text("Question: which city has the Colosseum?<|im_end|>\n<|im_start|>assistant\n")])
+
+
+def _runner(model, ids, keys, values, block_size):
+    return LayerRunner(model, adapter_for(model), ids, keys, values, block_size)
 
 
 def _max_kv_diff(a, b):
@@ -30,7 +38,7 @@ def test_ratio_one_equals_full_prefill(kind):
     prompt = _prompt(engine, [2, 0, 3, 1])  # reordered relative to warm order
     full = engine.prefill(prompt, strategy="full")
     blended = engine.prefill(prompt, strategy="cacheblend", recompute_ratio=1.0)
-    assert blended.stats["reused_tokens"] == 0 and blended.stats["recomputed_tokens"] > 0
+    assert blended.stats.reused_tokens == 0 and blended.stats.recomputed_tokens > 0
     assert blended.input_ids == full.input_ids
     assert _max_kv_diff(full, blended) <= 1e-4
     assert (full.logits - blended.logits).abs().max().item() <= 1e-4
@@ -39,19 +47,17 @@ def test_ratio_one_equals_full_prefill(kind):
 @pytest.mark.parametrize("selection", ["value", "key", "attention"])
 def test_ratio_one_skips_ranking_and_equals_full_prefill(selection, monkeypatch):
     """At ratio 1.0 every token is recomputed, so neither the probe nor the check layer runs."""
-    import kvboost_rag.blend as blend_module
-
     def must_not_run(*args, **kwargs):
         raise AssertionError("a ranking pass ran at ratio 1.0")
 
-    monkeypatch.setattr(blend_module, "_attention_guided", must_not_run)
-    monkeypatch.setattr(blend_module, "_deviation_guided", must_not_run)
+    for name in SELECTION_RULES:
+        monkeypatch.setitem(SELECTION_RULES, name, must_not_run)
     engine = tiny_engine("llama", selection=selection)
     engine.warm(DOCS)
     prompt = _prompt(engine, [1, 3, 2, 0])
     full = engine.prefill(prompt, strategy="full")
     blended = engine.prefill(prompt, recompute_ratio=1.0)
-    assert blended.stats["reused_tokens"] == 0
+    assert blended.stats.reused_tokens == 0
     assert _max_kv_diff(full, blended) <= 1e-4
     assert (full.logits - blended.logits).abs().max().item() <= 1e-4
 
@@ -63,9 +69,9 @@ def test_partial_ratio_recomputes_the_requested_share(kind, selection):
     engine.warm(DOCS)
     prompt = _prompt(engine, [3, 1, 2, 0])
     pre = engine.prefill(prompt, strategy="cacheblend", recompute_ratio=0.3)
-    cached = pre.stats["reused_tokens"] + pre.stats["recomputed_tokens"]
-    assert pre.stats["recomputed_tokens"] == pytest.approx(0.3 * cached, abs=2)
-    assert pre.stats["prompt_tokens"] == cached + pre.stats["fresh_tokens"]
+    cached = pre.stats.reused_tokens + pre.stats.recomputed_tokens
+    assert pre.stats.recomputed_tokens == pytest.approx(0.3 * cached, abs=2)
+    assert pre.stats.prompt_tokens == cached + pre.stats.fresh_tokens
 
 
 def test_reuse_equals_full_when_document_follows_its_encoding_preamble():
@@ -74,7 +80,7 @@ def test_reuse_equals_full_when_document_follows_its_encoding_preamble():
     prompt = [Segment.text(engine.preamble_text), Segment.document(DOCS[0]), Segment.text("\nWhere is Paris?")]
     full = engine.prefill(prompt, strategy="full")
     reuse = engine.prefill(prompt, strategy="reuse")
-    assert reuse.stats["reused_tokens"] > 0
+    assert reuse.stats.reused_tokens > 0
     assert _max_kv_diff(full, reuse) <= 1e-4
     assert (full.logits - reuse.logits).abs().max().item() <= 1e-4
 
@@ -86,7 +92,7 @@ def test_blocked_attention_equals_dense_attention():
     prompt = _prompt(engine, [1, 3, 0, 2])
     results = []
     for block in (7, 1_000_000):
-        engine.blend_config = BlendConfig(recompute_ratio=0.2, block_size=block)
+        engine.config = dataclasses.replace(engine.config, recompute_ratio=0.2, block_size=block)
         results.append(engine.prefill(prompt))
     assert _max_kv_diff(*results) <= 1e-5
     assert (results[0].logits - results[1].logits).abs().max().item() <= 1e-5
@@ -99,18 +105,18 @@ def test_selected_token_never_attends_to_a_later_position():
     model = engine.model
     n = 40
     ids = torch.randint(5, 300, (n,))
-    runner = LayerRunner(model, ids, block_size=64)  # both tokens in one query block
     layers, heads, dim = len(model.model.layers), model.config.num_key_value_heads, 16
     torch.manual_seed(1)
     keys = torch.randn(layers, heads, n, dim)
     values = torch.randn(layers, heads, n, dim)
     positions = torch.tensor([5, 30])
+    runner = _runner(model, ids, keys.clone(), values.clone(), block_size=64)  # both tokens in one query block
     hidden = runner.embeddings[positions]
-    out1 = runner.run(1, hidden, positions, keys.clone(), values.clone())
+    out1 = runner.run(1, hidden, runner.metadata(positions))
     k2, v2 = keys.clone(), values.clone()
     k2[:, :, 6:30] = 50.0
     v2[:, :, 6:30] = 1e3
-    out2 = runner.run(1, hidden, positions, k2, v2)
+    out2 = _runner(model, ids, k2, v2, block_size=64).run(1, hidden, runner.metadata(positions))
     assert torch.allclose(out1[0], out2[0], atol=1e-6), "token at position 5 saw a later key"
     assert not torch.allclose(out1[1], out2[1]), "token at position 30 should see positions 6..29"
 
@@ -123,16 +129,16 @@ def test_probe_attention_with_scores_equals_the_fused_kernel_and_dense_probabili
     n = 50
     torch.manual_seed(3)
     ids = torch.randint(5, 300, (n,))
-    runner = LayerRunner(model, ids, block_size=4)  # several query blocks
     layers, heads, dim = len(model.model.layers), model.config.num_key_value_heads, 16
     keys, values = torch.randn(layers, heads, n, dim), torch.randn(layers, heads, n, dim)
     positions = torch.tensor([2, 9, 10, 17, 30, 31, 44, 45])
     rows = torch.tensor([False, True, False, True, True, False, True, True])
+    runner = _runner(model, ids, keys.clone(), values.clone(), block_size=4)  # several query blocks
     hidden = runner.embeddings[positions]
-    plain = runner.run(1, hidden, positions, keys.clone(), values.clone())
+    plain = runner.run(1, hidden, runner.metadata(positions))
     scores = torch.zeros(n)
     k1, v1 = keys.clone(), values.clone()
-    probed = runner.run(1, hidden, positions, k1, v1, attention_scores=scores, score_rows=rows)
+    probed = _runner(model, ids, k1, v1, block_size=4).run(1, hidden, runner.metadata(positions, scores, rows))
     assert (plain - probed).abs().max().item() <= 1e-5
     # dense reference for the scores from the K written by the layer and the layer's own queries
     attn = model.model.layers[1].self_attn
@@ -150,12 +156,42 @@ def test_probe_attention_with_scores_equals_the_fused_kernel_and_dense_probabili
     assert scores[positions[-1] + 1:].abs().max().item() == 0 and abs(scores.sum().item() - q.shape[1] * int(rows.sum())) < 1e-3
 
 
-def test_selection_by_key_and_sinks_run():
-    engine = tiny_engine("llama", selection="key", sink_tokens=4)
+@pytest.mark.parametrize("selection", ["key", "value"])
+def test_deviation_rules_pick_the_tokens_whose_kv_deviates_most(selection, monkeypatch):
+    """CacheBlend's rule against a reference computed here: at the check layer (1) every token's
+    fresh K/V equal a full prefill's (layer 0 is exact for stored tokens), so the rule must pick
+    exactly the top share of reused tokens by squared deviation of the full prefill's K (V) from
+    the stored, re-rotated K (V). Sinks are off, so nothing else is selected."""
+    from kvboost_rag import prefill as prefill_mod
+
+    engine = tiny_engine("llama", selection=selection, sink_tokens=0, prefix_cache_bytes=0)
     engine.warm(DOCS)
-    pre = engine.prefill(_prompt(engine, [0, 1, 2, 3]), recompute_ratio=0.1)
-    # 4 documents x 4 sink tokens are always recomputed, plus 10% of the rest
-    assert pre.stats["recomputed_tokens"] >= 16
+    prompt = _prompt(engine, [2, 3, 1, 0])
+    selections = []
+
+    original = prefill_mod.blend
+
+    def spy(*args, **kwargs):
+        result = original(*args, **kwargs)
+        selections.append(result.selected)
+        return result
+
+    monkeypatch.setattr(prefill_mod, "blend", spy)
+    pre = engine.prefill(prompt, recompute_ratio=0.3)
+    tokenized = engine.tokenize(prompt)
+    n = len(tokenized)
+    found = fetch_documents(engine.store, tokenized, engine.chunk_key, engine.fingerprint)
+    keys, values, reused = assemble(n, found, engine.rotator, torch.float32, torch.device("cpu"))
+    full = engine.prefill(prompt, strategy="full").cache.layers[1]
+    fresh, stored = (full.keys[0], keys[1]) if selection == "key" else (full.values[0], values[1])
+    candidates = torch.arange(n)[reused]
+    candidates = candidates[candidates != n - 1]
+    deviation = (fresh[:, candidates] - stored[:, candidates]).pow(2).sum(dim=(0, 2))
+    k = pre.stats.recomputed_tokens
+    assert 0 < k < candidates.numel()
+    expected = set(candidates[torch.topk(deviation, k).indices].tolist())
+    chosen = set(selections[0].tolist()) & set(candidates.tolist())
+    assert chosen == expected
 
 
 def test_missing_documents_are_fresh_tokens():
@@ -163,31 +199,8 @@ def test_missing_documents_are_fresh_tokens():
     engine.warm(DOCS[:2])
     pre = engine.prefill(_prompt(engine, [0, 1, 2]), strategy="reuse")
     doc2 = len(engine.tokenize_document(DOCS[2]))
-    assert pre.stats["documents_reused"] == 2
-    assert pre.stats["fresh_tokens"] >= doc2
-
-
-def test_fast_value_projection_selects_what_the_full_check_layer_selects(monkeypatch):
-    """The check layer's fast path (V projection only) ranks tokens exactly like running the layer."""
-    from kvboost_rag import blend as blend_mod
-
-    engine = tiny_engine("llama", selection="value", sink_tokens=0)
-    engine.warm(DOCS)
-    prompt = _prompt(engine, [2, 3, 1, 0])
-    selections = []
-
-    def spy(*args, **kwargs):
-        result = blend_mod.blend(*args, **kwargs)
-        selections.append(result.selected)
-        return result
-
-    engine.prefill(prompt)  # fills the prefix cache: both runs below then blend the same tokens
-    monkeypatch.setattr("kvboost_rag.engine.blend", spy)
-    engine.prefill(prompt, recompute_ratio=0.3)  # fast path
-    monkeypatch.setattr(blend_mod.LayerRunner, "projected_values", lambda self, layer_idx, hidden: None)
-    engine.prefill(prompt, recompute_ratio=0.3)  # runs the whole check layer
-    assert selections[0].numel() > 0
-    assert torch.equal(selections[0], selections[1])
+    assert pre.stats.documents_reused == 2
+    assert pre.stats.fresh_tokens >= doc2
 
 
 @pytest.mark.parametrize("kind", ["llama", "phi3"])
@@ -200,8 +213,8 @@ def test_attention_guided_selection(kind):
     assert (full.logits - exact.logits).abs().max().item() <= 1e-4
     assert _max_kv_diff(full, exact) <= 1e-4
     part = engine.prefill(prompt, recompute_ratio=0.25)  # the prefix now comes from the prefix cache
-    cached = part.stats["reused_tokens"] + part.stats["recomputed_tokens"] - part.stats["prefix_cached_tokens"]
-    assert part.stats["recomputed_tokens"] == pytest.approx(0.25 * cached, abs=2)
+    cached = part.stats.reused_tokens + part.stats.recomputed_tokens - part.stats.prefix_cached_tokens
+    assert part.stats.recomputed_tokens == pytest.approx(0.25 * cached, abs=2)
     reuse = engine.prefill(prompt, strategy="reuse")
     # recomputing a quarter of the tokens moves the answer distribution toward the full prefill
     assert (part.logits - full.logits).abs().max() < (reuse.logits - full.logits).abs().max()
@@ -210,31 +223,29 @@ def test_attention_guided_selection(kind):
 def test_question_probe_runs_only_tokens_without_stored_kv(monkeypatch):
     """The probe that ranks reused tokens runs the question and the text between documents,
     not the documents' sink tokens; the sinks are still recomputed by the blend itself."""
-    from kvboost_rag import blend as blend_mod
-
     engine = tiny_engine("llama", selection="attention", sink_tokens=4)
     engine.warm(DOCS)
     prompt = _prompt(engine, [2, 0, 3, 1])
     engine.prefill(prompt)  # fills the prefix cache
     probed = []
-    run = blend_mod.LayerRunner.run
+    run = LayerRunner.run
 
-    def spy(self, layer_idx, hidden, positions, *args, **kwargs):
-        if kwargs.get("attention_scores") is not None and layer_idx == 0:
-            probed.append(positions.numel())
-        return run(self, layer_idx, hidden, positions, *args, **kwargs)
+    def spy(self, layer_idx, hidden, meta):
+        if meta.scores is not None and layer_idx == 0:
+            probed.append(meta.positions.numel())
+        return run(self, layer_idx, hidden, meta)
 
-    monkeypatch.setattr(blend_mod.LayerRunner, "run", spy)
+    monkeypatch.setattr(LayerRunner, "run", spy)
     pre = engine.prefill(prompt, recompute_ratio=0.2)
-    assert probed == [pre.stats["fresh_tokens"]]
-    assert pre.stats["recomputed_tokens"] >= 4 * 4  # 4 documents x 4 sinks
+    assert probed == [pre.stats.fresh_tokens]
+    assert pre.stats.recomputed_tokens >= 4 * 4  # 4 documents x 4 sinks
 
 
 @pytest.mark.parametrize("selection", ["attention", "value"])
 def test_prompt_ending_with_a_document(selection, monkeypatch):
     """The last token gives the first answer token, so it is computed even when it is a
     document's; at ratio 1.0 the result still equals a full prefill."""
-    from kvboost_rag import blend as blend_mod
+    from kvboost_rag import prefill as prefill_mod
 
     engine = tiny_engine("llama", selection=selection)
     engine.warm(DOCS)
@@ -246,15 +257,17 @@ def test_prompt_ending_with_a_document(selection, monkeypatch):
     assert (full.logits - exact.logits).abs().max().item() <= 1e-4
     selections = []
 
+    original = prefill_mod.blend
+
     def spy(*args, **kwargs):
-        result = blend_mod.blend(*args, **kwargs)
+        result = original(*args, **kwargs)
         selections.append(result.selected)
         return result
 
-    monkeypatch.setattr("kvboost_rag.engine.blend", spy)
+    monkeypatch.setattr(prefill_mod, "blend", spy)
     part = engine.prefill(prompt, recompute_ratio=0.3)
     reuse = engine.prefill(prompt, strategy="reuse")
-    assert part.stats["documents_reused"] == 2 and part.stats["recomputed_tokens"] > 0
+    assert part.stats.documents_reused == 2 and part.stats.recomputed_tokens > 0
     last = len(part.input_ids) - 1
     # the logits come from the last selected token's final hidden state: it must be the last one
     assert [int(s[-1]) for s in selections] == [last, last]
@@ -270,11 +283,11 @@ def test_cached_prefix_is_reused_exactly(kind):
     prompt = _prompt(engine, [1, 3, 0])
     prefix_len = engine.tokenize(prompt).documents[0][0]
     first = engine.prefill(prompt, recompute_ratio=1.0)
-    assert first.stats["prefix_cached_tokens"] == 0
+    assert first.stats.prefix_cached_tokens == 0
     full = engine.prefill(prompt, strategy="full")
     again = engine.prefill(prompt, recompute_ratio=1.0)
-    assert again.stats["prefix_cached_tokens"] == prefix_len > 0
-    assert again.stats["reused_tokens"] == prefix_len
+    assert again.stats.prefix_cached_tokens == prefix_len > 0
+    assert again.stats.reused_tokens == prefix_len
     assert _max_kv_diff(full, again) <= 1e-4
     assert (full.logits - again.logits).abs().max().item() <= 1e-4
 
@@ -286,9 +299,9 @@ def test_prefix_cache_does_not_change_a_partial_blend():
     prompt = _prompt(cached, [2, 0, 1])
     cached.prefill(prompt)  # fills the prefix cache
     hit, ref = cached.prefill(prompt), uncached.prefill(prompt)
-    assert hit.stats["prefix_cached_tokens"] > 0 and ref.stats["prefix_cached_tokens"] == 0
-    assert hit.stats["recomputed_tokens"] == ref.stats["recomputed_tokens"]
-    assert hit.stats["fresh_tokens"] + hit.stats["prefix_cached_tokens"] == ref.stats["fresh_tokens"]
+    assert hit.stats.prefix_cached_tokens > 0 and ref.stats.prefix_cached_tokens == 0
+    assert hit.stats.recomputed_tokens == ref.stats.recomputed_tokens
+    assert hit.stats.fresh_tokens + hit.stats.prefix_cached_tokens == ref.stats.fresh_tokens
     assert _max_kv_diff(ref, hit) <= 1e-4
     assert (ref.logits - hit.logits).abs().max().item() <= 1e-4
 
@@ -298,5 +311,5 @@ def test_a_different_leading_text_misses_the_prefix_cache():
     engine.warm(DOCS)
     engine.prefill(_prompt(engine, [0, 1]))
     other = [Segment.text("<|im_start|>user\nSomething else entirely.\n\n")] + _prompt(engine, [0, 1])[1:]
-    assert engine.prefill(other).stats["prefix_cached_tokens"] == 0
-    assert engine.prefill(other).stats["prefix_cached_tokens"] > 0
+    assert engine.prefill(other).stats.prefix_cached_tokens == 0
+    assert engine.prefill(other).stats.prefix_cached_tokens > 0

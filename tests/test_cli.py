@@ -14,7 +14,7 @@ def test_help_via_entry_point():
     out = subprocess.run([PYTHON, "-m", "kvboost_rag.cli", "--help"], env=python_env(), capture_output=True,
                          text=True, timeout=120)
     assert out.returncode == 0, out.stderr
-    for word in ("warm", "inspect", "ask", "examples:", "KVBOOST_RAG_HOME"):
+    for word in ("warm", "inspect", "ask", "bench", "examples:", "KVBOOST_RAG_HOME"):
         assert word in out.stdout
 
 
@@ -27,14 +27,28 @@ def test_subcommand_help_reads_well(command, capsys):
     assert "examples:" in text and f"kvboost-rag {command}" in text and "--store" in text
 
 
-def test_bench_registered_when_available():
+def test_bench_registered_through_entry_point():
+    from importlib.metadata import entry_points
+
+    eps = {ep.name: ep.value for ep in entry_points(group="kvboost_rag.commands")}
+    assert eps.get("bench") == "kvboost_rag_bench.cli:add_parser"
     sub = next(a for a in build_parser()._actions if a.dest == "command")
-    try:
-        import kvboost_rag.bench  # noqa: F401
-    except ImportError:
-        assert "bench" not in sub.choices
-    else:
-        assert "bench" in sub.choices
+    assert "bench" in sub.choices
+
+
+def test_help_imports_no_torch():
+    code = "import sys; from kvboost_rag.cli import build_parser; build_parser(); print('torch' in sys.modules)"
+    out = subprocess.run([PYTHON, "-c", code], env=python_env(), capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "False"
+
+
+def test_ask_help_states_the_engine_default_ratio(capsys):
+    from kvboost_rag.blend import BlendConfig
+
+    with pytest.raises(SystemExit):
+        main(["ask", "--help"])
+    assert f"the engine's, {BlendConfig().recompute_ratio:g})" in capsys.readouterr().out
 
 
 def test_usage_errors_exit_2(capsys):

@@ -8,7 +8,7 @@ from transformers.cache_utils import DynamicCache, DynamicLayer
 from kvboost_rag.decode_cache import InPlaceLayer, with_room
 from kvboost_rag.generate import SamplingParams, decode
 
-from tiny import tiny_engine, tiny_model, tiny_tokenizer
+from kvboost_rag_bench.testing import tiny_engine, tiny_model, tiny_tokenizer
 
 
 def _kv(tokens: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -81,7 +81,7 @@ def test_engine_answers_are_unchanged_by_the_in_place_cache(monkeypatch):
     """A blended answer decoded with the in-place cache equals one decoded with plain cat growth."""
     from kvboost_rag import generate as generate_mod
 
-    from tiny import DOCS
+    from kvboost_rag_bench.testing import DOCS
     engine = tiny_engine("llama")
     engine.warm(DOCS)
     prompt = "<|im_start|>user\n" + "\n\n".join(DOCS[::-1]) + "\nWhere is Rome?<|im_end|>\n<|im_start|>assistant\n"

@@ -11,7 +11,7 @@ from kvboost_rag import (ContextWindowError, EmptyInputError, InvalidConfigError
                          UnsupportedModelError)
 from kvboost_rag.model import check_architecture, model_fingerprint
 
-from tiny import DOCS, tiny_config, tiny_engine, tiny_model, tiny_tokenizer
+from kvboost_rag_bench.testing import DOCS, tiny_config, tiny_engine, tiny_model, tiny_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -177,12 +177,18 @@ def test_unsupported_model_object_is_refused():
 
 
 def test_untested_architecture_warns_and_points_to_verify():
-    cfg = transformers.OlmoConfig(num_hidden_layers=1)
+    """A model type without an adapter but with the Llama layout runs on the Llama adapter, with a
+    warning; a tested one builds silently."""
+    torch.manual_seed(0)
+    cfg = transformers.OlmoConfig(num_hidden_layers=1, hidden_size=32, intermediate_size=64, num_attention_heads=2,
+                                  num_key_value_heads=2, vocab_size=400)
+    olmo = transformers.AutoModelForCausalLM.from_config(cfg)
     with pytest.warns(UserWarning, match="verify"):
-        check_architecture(cfg)
+        KVBoostEngine(olmo, tiny_tokenizer())
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         check_architecture(tiny_config("llama"))
+        KVBoostEngine(tiny_model("llama"), tiny_tokenizer())
 
 
 # ---------------------------------------------------------------- fingerprints and the store

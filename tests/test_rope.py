@@ -8,9 +8,10 @@ import pytest
 import torch
 
 from kvboost_rag import KVBoostEngine, Segment
+from kvboost_rag.adapters import adapter_for
 from kvboost_rag.rope import RopeRotator
 
-from tiny import DOCS, tiny_model, tiny_tokenizer
+from kvboost_rag_bench.testing import DOCS, tiny_model, tiny_tokenizer
 
 ROPE_VARIANTS = {
     "default": {"rope_type": "default", "rope_theta": 10000.0},
@@ -67,7 +68,8 @@ def test_partial_rotary_rotates_only_rotary_channels():
 
 
 def test_rotation_composes_and_inverts():
-    rot = RopeRotator(tiny_model("llama"))
+    model = tiny_model("llama")
+    rot = RopeRotator(adapter_for(model).inv_freq(model))
     k = torch.randn(2, 3, 5, 16)
     assert torch.allclose(rot.rotate(rot.rotate(k, 37), -37), k, atol=1e-5)
     assert torch.allclose(rot.rotate(rot.rotate(k, 10), 27), rot.rotate(k, 37), atol=1e-5)

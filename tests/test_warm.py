@@ -11,7 +11,7 @@ import pytest
 
 from _store_helpers import (PYTHON, FakeEngine, make_docs, other_tiny_model_factory, python_env,
                             tiny_model_factory)
-from kvboost_rag.corpus import CorpusError, load_documents, template_render
+from kvboost_rag.sources import CorpusError, load_documents, template_render
 from kvboost_rag.disk_store import DiskStore, TieredStore
 from kvboost_rag.errors import InvalidConfigError
 from kvboost_rag.store import MemoryStore
@@ -74,7 +74,7 @@ def test_langchain_document_prompt_render():
     pytest.importorskip("langchain_core")
     from langchain_core.documents import Document
 
-    from kvboost_rag.corpus import langchain_render
+    from kvboost_rag.sources import langchain_render
 
     docs = load_documents([Document(page_content="hello", metadata={"source": "a"})],
                           render=langchain_render("{source}: {page_content}", document_separator="\n\n"))

