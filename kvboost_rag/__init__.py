@@ -23,7 +23,8 @@ _EXPORTS = {
     "warm_corpus": "warm", "WarmReport": "warm",
     "KVBoostError": "errors", "UnsupportedModelError": "errors", "ContextWindowError": "errors",
     "EmptyInputError": "errors", "InvalidConfigError": "errors", "StoreError": "errors",
-    "ModelMismatchError": "errors", "CorruptEntryError": "errors",
+    "ModelMismatchError": "errors", "CorruptEntryError": "errors", "PackagedModelError": "errors",
+    "PackagedModelNotInstalledError": "errors", "PackagedModelCorruptError": "errors",
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]

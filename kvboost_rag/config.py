@@ -19,7 +19,7 @@ STRATEGIES = ("full", "reuse", "cacheblend")
 class EngineConfig:
     """strategy: default for every call. ``"cacheblend"``: stored KV re-rotated and repaired by
         selective recompute; ``"reuse"``: re-rotation only; ``"full"``: plain prefill (baseline).
-    recompute_ratio, selection, check_layer, sink_tokens, block_size: the blend
+    recompute_ratio, selection, check_layer, sink_tokens, block_size, reused_key_scale: the blend
         (:class:`~kvboost_rag.blend.BlendConfig`). The default, question-attention selection of 10%
         plus 4 sink tokens per document, is the measured best speed/fidelity point (README).
     preamble: text every document is encoded after (its KV dropped); default: the chat template's
@@ -34,6 +34,7 @@ class EngineConfig:
     check_layer: int = 1
     sink_tokens: int = 4
     block_size: int = 128
+    reused_key_scale: float = 1.0
     preamble: Optional[str] = None
     model_name: Optional[str] = None
     prefix_cache_bytes: int = 256 << 20
@@ -48,7 +49,8 @@ class EngineConfig:
     @property
     def blend(self) -> BlendConfig:
         return BlendConfig(recompute_ratio=self.recompute_ratio, selection=self.selection,
-                           check_layer=self.check_layer, sink_tokens=self.sink_tokens, block_size=self.block_size)
+                           check_layer=self.check_layer, sink_tokens=self.sink_tokens, block_size=self.block_size,
+                           reused_key_scale=self.reused_key_scale)
 
     @classmethod
     def from_kwargs(cls, base: Optional["EngineConfig"] = None, **overrides) -> "EngineConfig":

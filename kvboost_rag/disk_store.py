@@ -422,9 +422,9 @@ class DiskStore:
                 pass
             raise
         if self.fsync:
-            _fsync_dir(directory)
+            fsync_dir(directory)
             if new_dir:
-                _fsync_dir(directory.parent)
+                fsync_dir(directory.parent)
 
     def texts(self, fingerprint: str) -> Iterator[Tuple[str, str]]:
         """``(key, text)`` of entries by ``fingerprint`` that recorded their text (headers only)."""
@@ -551,7 +551,7 @@ class DiskStore:
             self._approx_bytes = total
 
 
-def _fsync_dir(directory: Path) -> None:
+def fsync_dir(directory: Path) -> None:
     """fsync a directory so a rename in it survives power loss (no-op where unsupported)."""
     try:
         fd = os.open(directory, os.O_RDONLY)

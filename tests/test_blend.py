@@ -313,3 +313,19 @@ def test_a_different_leading_text_misses_the_prefix_cache():
     other = [Segment.text("<|im_start|>user\nSomething else entirely.\n\n")] + _prompt(engine, [0, 1])[1:]
     assert engine.prefill(other).stats.prefix_cached_tokens == 0
     assert engine.prefill(other).stats.prefix_cached_tokens > 0
+
+
+def test_reused_key_scale_touches_only_stale_kv():
+    """The APE-style temperature on stale keys: at ratio 1.0 every reused token is recomputed, so
+    the result is still a full prefill's; below it, the answer distribution changes."""
+    engine = tiny_engine("llama", reused_key_scale=1.3)
+    plain = tiny_engine("llama")
+    for e in (engine, plain):
+        e.warm(DOCS)
+    prompt = _prompt(engine, [3, 0, 2, 1])
+    full = engine.prefill(prompt, strategy="full")
+    exact = engine.prefill(prompt, recompute_ratio=1.0)
+    assert _max_kv_diff(full, exact) <= 1e-4
+    assert (full.logits - exact.logits).abs().max().item() <= 1e-4
+    scaled, unscaled = engine.prefill(prompt, strategy="reuse"), plain.prefill(prompt, strategy="reuse")
+    assert (scaled.logits - unscaled.logits).abs().max().item() > 1e-3

@@ -277,3 +277,58 @@ async def test_async_stream_does_not_block_the_loop(engine):
     task.cancel()
     assert "".join(deltas) == stream.result.text
     assert len(ticks) > 3
+
+
+def test_blend_leaves_the_shared_model_untouched_and_is_thread_safe():
+    """The blend runs layers through the family adapter and never switches the model's attention
+    implementation, so two engines on one model can run from two threads: every result equals
+    the same call made alone, and a plain full prefill in between is unaffected."""
+    import threading
+
+    model, tok = tiny_model("llama"), tiny_tokenizer()
+    engines = [KVBoostEngine(model, tok), KVBoostEngine(model, tok)]
+    impl = model.config._attn_implementation
+    prompts = []
+    for engine in engines:
+        engine.warm(DOCS)
+    for order in ([0, 1, 2], [2, 3, 0], [1, 0, 3], [3, 2, 1]):
+        prompts.append([Segment.text("<|im_start|>user\n")] + [Segment.document(DOCS[i]) for i in order]
+                       + [Segment.text("Question: which city?<|im_end|>\n<|im_start|>assistant\n")])
+    calls = [(e, p, s) for e in engines for p in prompts for s in ("cacheblend", "full")]
+    alone = [e.prefill(p, strategy=s, recompute_ratio=0.3).logits for e, p, s in calls]
+    results, errors = [None] * len(calls), []
+
+    def worker(indices):
+        try:
+            for i in indices:
+                e, p, s = calls[i]
+                results[i] = e.prefill(p, strategy=s, recompute_ratio=0.3).logits
+        except Exception as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker, args=(range(k, len(calls), 2),)) for k in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    assert model.config._attn_implementation == impl
+    for got, want in zip(results, alone):
+        assert torch.allclose(got, want, atol=1e-5)
+
+
+def test_engine_config_is_one_validated_dataclass():
+    from kvboost_rag import EngineConfig
+
+    engine = tiny_engine("llama", recompute_ratio=0.2, sink_tokens=2)
+    assert engine.config == EngineConfig(recompute_ratio=0.2, sink_tokens=2)
+    assert engine.blend_config.recompute_ratio == 0.2 and engine.blend_config.sink_tokens == 2
+    same = KVBoostEngine(tiny_model("llama"), tiny_tokenizer(), config=EngineConfig(recompute_ratio=0.2),
+                         sink_tokens=2)
+    assert same.config == engine.config
+    with pytest.raises(TypeError, match="recompute_ration"):
+        tiny_engine("llama", recompute_ration=0.2)
+    for bad in (dict(recompute_ratio=True), dict(recompute_ratio=1.5), dict(selection="nope"),
+                dict(strategy="fast"), dict(prefix_cache_bytes=-1)):
+        with pytest.raises(InvalidConfigError):
+            EngineConfig(**bad)

@@ -19,7 +19,7 @@ from typing import Optional, Sequence
 from .random_models import RANDOM_CONFIGS
 from .report import format_table, write_plots
 from .runner import (DEFAULT_PLOT_DOCS, DEFAULT_PLOT_RATIO, DEFAULT_RATIOS, log, parse_int_list,
-                     parse_ratios, run_bench, run_random_bench)
+                     parse_ratios, parse_selections, parse_variants, run_bench, run_random_bench)
 
 
 def _add_arguments(p: argparse.ArgumentParser) -> None:
@@ -32,6 +32,11 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--k", "--docs-per-query", dest="k", type=int, default=8,
                    help="documents per prompt (default 8)")
     g.add_argument("--max-queries", type=int, default=None, help="use the first N queries")
+    g.add_argument("--suite", choices=("pydoc", "multihop"), default="pydoc",
+                   help="built-in question set when no --corpus/--queries: 'pydoc' (20 questions on the "
+                        "standard library's help topics) or 'multihop' (generated fictional entities, one- "
+                        "and two-hop questions with short gold answers; see --suite-size, --seed)")
+    g.add_argument("--suite-size", type=int, default=200, help="multihop: number of questions (default 200)")
     m = p.add_argument_group("model")
     m.add_argument("--model", default=None, help="HF id, local folder or .gguf (default SmolLM2-135M-Instruct)")
     m.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps ... (default auto)")
@@ -44,6 +49,13 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
     s = p.add_argument_group("methods")
     s.add_argument("--ratios", default=",".join(f"{r:g}" for r in DEFAULT_RATIOS),
                    help="recompute ratios; 0 = reuse only (default %(default)s)")
+    s.add_argument("--selections", default="", metavar="RULES",
+                   help="extra selection rules to run at every non-zero ratio, as methods 'rule@ratio' "
+                        "(core: attention, value, key; candidates: attention_layernorm, attention_docs, "
+                        "attention_wholedocs, attention_neighbours)")
+    s.add_argument("--variant", action="append", default=[], metavar="NAME=FIELD:VALUE,...",
+                   help="an extra method with engine settings of its own (repeatable), e.g. "
+                        "'docs20=selection:attention_docs,recompute_ratio:0.2'")
     s.add_argument("--answer-tokens", type=int, default=32, help="greedy answer length (default 32)")
     s.add_argument("--repeats", type=int, default=1, help="generate calls per method and prompt "
                    "(default 1); a prompt's TTFT is the lowest engine-measured sample, the fidelity "
@@ -77,6 +89,7 @@ Hugging Face cache only.
 
 examples:
   kvboost-rag bench --max-queries 5 --json bench_out/k8.json
+  kvboost-rag bench --model qwen2.5-coder-0.5b --suite multihop --dtype bfloat16 --ratios 0.1,0.2
   kvboost-rag bench --k 16 --ratios 0,0.15 --device cuda --dtype bfloat16 --no-plot
   kvboost-rag bench --cold --kv-bits 8                # KV fetched from a quantized disk store
   kvboost-rag bench --random-weights llama3-8b --device cuda   # speed only, no weights needed
@@ -114,6 +127,8 @@ def run_from_args(args, *, engine=None) -> int:
     try:
         parse_ratios(args.ratios)
         parse_int_list(args.plot_docs, "--plot-docs")
+        parse_selections(args.selections)
+        parse_variants(args.variant)
     except ValueError as exc:
         raise SystemExit(f"bench: {exc}")
     result = (run_random_bench(args, engine=engine) if args.random_weights

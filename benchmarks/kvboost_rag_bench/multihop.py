@@ -19,7 +19,8 @@ The world
 The questions
     * **one-hop**: the answer is in one document ("How many kilograms does the Zorbex Pro weigh?").
     * **two-hop**: the first document names a bridge entity, the bridge's own document holds the
-      answer ("In which city was the person who led the development of the Zorbex Pro born?").
+      answer ("The development of the Zorbex Pro was led by a person. In which city was that person
+      born?").
       The gold answer never appears in the first-hop document. 60% of the questions by default.
     * Gold answers are short: a city, country or river name, a person's full name, the distinctive
       word of a company name ("Quorvane" for "Quorvane Systems"), a profession, a year or a weight
@@ -331,14 +332,21 @@ def _paragraphs(rng: random.Random, lead: list, facts: list, filler: list, targe
         words += len(s.split())
     body = list(facts) + chosen
     rng.shuffle(body)
-    n_par = min(len(body), rng.randint(2, 4))
-    cuts = sorted(rng.sample(range(1, len(body)), n_par - 1)) if n_par > 1 else []
-    pars, prev = [], 0
-    for c in cuts + [len(body)]:
-        pars.append(body[prev:c])
-        prev = c
+    # 2-4 paragraphs of at least two sentences each (the first one also holds the lead)
+    n_par = max(1, min(rng.randint(2, 4), len(body) // 2))
+    sizes = [2] * n_par
+    for _ in range(len(body) - 2 * n_par):
+        sizes[rng.randrange(n_par)] += 1
+    pars, start = [], 0
+    for size in sizes:
+        pars.append(body[start:start + size])
+        start += size
     pars[0] = lead + pars[0]
     return "\n\n".join(" ".join(p) for p in pars if p)
+
+
+def _a(noun_phrase: str) -> str:
+    return ("an " if noun_phrase[:1].lower() in "aeiou" else "a ") + noun_phrase
 
 
 def _fill(templates: Sequence[str], **kw) -> list:
@@ -353,8 +361,8 @@ def _render(e: _Entity, rng: random.Random, world: dict) -> str:
         name, last = e.name, f["last"]
         company = f["employer"]
         lead = [rng.choice([
-            f"{name} is a {f['profession']} whose work has focused on {f['topic']}.",
-            f"{name} is a {f['profession']} best known for work on {f['topic']}.",
+            f"{name} is {_a(f['profession'])} whose work has focused on {f['topic']}.",
+            f"{name} is {_a(f['profession'])} best known for work on {f['topic']}.",
         ])]
         facts = [
             rng.choice([
@@ -372,8 +380,8 @@ def _render(e: _Entity, rng: random.Random, world: dict) -> str:
     elif e.kind == "product":
         maker, leader = f["maker"], f["leader"]
         lead = [rng.choice([
-            f"The {e.name} is a {f['category']} made by {maker}, intended for {f['use']}.",
-            f"The {e.name} is a {f['category']} designed for {f['use']} and manufactured by {maker}.",
+            f"The {e.name} is {_a(f['category'])} made by {maker}, intended for {f['use']}.",
+            f"The {e.name} is {_a(f['category'])} designed for {f['use']} and manufactured by {maker}.",
         ])]
         facts = [
             rng.choice([
@@ -440,21 +448,24 @@ ONE_HOP_KINDS: dict = {
     "city_country": ("city", "In which country is {x}?", ["country"]),
     "city_river": ("city", "What is the name of the river that flows through {x}?", ["river"]),
 }
+# Two-hop questions name the relation but not the bridge entity, and say what the second hop asks
+# about ("... a company. Who founded that company?"): a 0.5B model given the compact form ("Who
+# founded the company that makes X?") mostly stopped at the first hop and answered the bridge.
 TWO_HOP_KINDS: dict = {
-    "product_leader_birthplace": ("product", "In which city was the person who led the development of the {x} born?", ["leader", "birthplace"]),
-    "product_leader_birth_year": ("product", "In what year was the person who led the development of the {x} born?", ["leader", "birth_year"]),
-    "product_leader_profession": ("product", "What is the profession of the person who led the development of the {x}?", ["leader", "profession"]),
-    "product_maker_hq": ("product", "In which city is the company that makes the {x} headquartered?", ["maker", "hq"]),
-    "product_maker_founder": ("product", "Who founded the company that makes the {x}?", ["maker", "founder"]),
-    "product_maker_founded": ("product", "In what year was the company that makes the {x} founded?", ["maker", "founded"]),
-    "person_employer_hq": ("person", "In which city is the company that {x} works for headquartered?", ["employer", "hq"]),
-    "person_employer_founder": ("person", "Who founded the company that {x} works for?", ["employer", "founder"]),
-    "person_birthplace_country": ("person", "In which country was {x} born?", ["birthplace", "country"]),
-    "person_birthplace_river": ("person", "What is the name of the river that flows through the city where {x} was born?", ["birthplace", "river"]),
-    "company_hq_country": ("company", "In which country is {x} headquartered?", ["hq", "country"]),
-    "company_hq_river": ("company", "What is the name of the river that flows through the city where {x} is headquartered?", ["hq", "river"]),
-    "company_founder_birthplace": ("company", "In which city was the founder of {x} born?", ["founder", "birthplace"]),
-    "company_founder_birth_year": ("company", "In what year was the founder of {x} born?", ["founder", "birth_year"]),
+    "product_leader_birthplace": ("product", "The development of the {x} was led by a person. In which city was that person born?", ["leader", "birthplace"]),
+    "product_leader_birth_year": ("product", "The development of the {x} was led by a person. In what year was that person born?", ["leader", "birth_year"]),
+    "product_leader_profession": ("product", "The development of the {x} was led by a person. What is the profession of that person?", ["leader", "profession"]),
+    "product_maker_hq": ("product", "The {x} is made by a company. In which city is that company headquartered?", ["maker", "hq"]),
+    "product_maker_founder": ("product", "The {x} is made by a company. Who founded that company?", ["maker", "founder"]),
+    "product_maker_founded": ("product", "The {x} is made by a company. In what year was that company founded?", ["maker", "founded"]),
+    "person_employer_hq": ("person", "{x} works for a company. In which city is that company headquartered?", ["employer", "hq"]),
+    "person_employer_founder": ("person", "{x} works for a company. Who founded that company?", ["employer", "founder"]),
+    "person_birthplace_country": ("person", "{x} was born in a city. In which country is that city?", ["birthplace", "country"]),
+    "person_birthplace_river": ("person", "{x} was born in a city. What is the name of the river that flows through that city?", ["birthplace", "river"]),
+    "company_hq_country": ("company", "{x} is headquartered in a city. In which country is that city?", ["hq", "country"]),
+    "company_hq_river": ("company", "{x} is headquartered in a city. What is the name of the river that flows through that city?", ["hq", "river"]),
+    "company_founder_birthplace": ("company", "{x} was founded by a person. In which city was that person born?", ["founder", "birthplace"]),
+    "company_founder_birth_year": ("company", "{x} was founded by a person. In what year was that person born?", ["founder", "birth_year"]),
 }
 # facts whose values are entity names (a tuple: iteration order must not depend on hashing)
 _ENTITY_FACTS = ("birthplace", "employer", "maker", "leader", "hq", "founder")

@@ -20,10 +20,11 @@ def format_table(result: dict) -> str:
     methods = result["methods"]
     cols = [("method", "{}"), ("TTFT med s", "{:.4f}"), ("speedup", "{:.2f}x"),
             ("top-1", "{:.3f}"), ("KL mean", "{:.4f}"), ("KL 95% CI", "{}"), ("exact", "{:.2f}"),
-            ("F1", "{:.3f}"), ("has gold", "{:.2f}"), ("reused", "{:.2f}"), ("recomp", "{:.2f}")]
+            ("F1", "{:.3f}"), ("has gold", "{:.2f}"), ("acc 1-hop", "{:.3f}"), ("acc 2-hop", "{:.3f}"),
+            ("agree", "{:.3f}"), ("reused", "{:.2f}"), ("recomp", "{:.2f}")]
     keys = [None, "ttft_median_s", "speedup_vs_full", "top1_agreement", "kl_mean", "kl_ci95",
-            "greedy_exact_match", "answer_f1", "answer_contains_gold", "reused_fraction",
-            "recomputed_fraction"]
+            "greedy_exact_match", "answer_f1", "answer_contains_gold", "accuracy_one_hop",
+            "accuracy_two_hop", "agreement_with_full", "reused_fraction", "recomputed_fraction"]
     rows = []
     for name, m in methods.items():
         row = []
@@ -103,5 +104,40 @@ def write_plots(result: dict, plot_dir: Path, stem: str = "bench") -> list[str]:
         fig.savefig(p, dpi=120)
         plt.close(fig)
         paths.append(str(p))
+
+    frontier = frontier_points(result)
+    if frontier:
+        fig, ax = plt.subplots(figsize=(6.5, 4.2))
+        for rule, points in frontier.items():
+            points.sort()
+            ax.plot([x for x, _, _ in points], [y for _, y, _ in points], marker="o", label=rule)
+            for x, y, label in points:
+                ax.annotate(label, (x, y), textcoords="offset points", xytext=(3, 3), fontsize=6)
+        full = result["methods"]["full"].get("answer_accuracy")
+        ax.axhline(full, color="black", lw=0.8, ls="--", label="full prefill")
+        ax.axhline(0.98 * full, color="gray", lw=0.8, ls=":", label="98% of full")
+        ax.set_xlabel("TTFT speedup vs full prefill (median of per-prompt ratios)")
+        ax.set_ylabel("answer accuracy (gold in answer)")
+        ax.set_title(f"accuracy-speed frontier: {result.get('model')}, {result.get('source')}", fontsize=8)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        p = plot_dir / f"{stem}_frontier.png"
+        fig.savefig(p, dpi=120)
+        plt.close(fig)
+        paths.append(str(p))
     return paths
+
+
+def frontier_points(result: dict) -> dict:
+    """``{rule: [(speedup, accuracy, label), ...]}`` of every method with an answer accuracy
+    (``cacheblend@R`` is the engine's default rule; ``default`` and ``reuse`` are their own)."""
+    out: dict = {}
+    for name, m in result["methods"].items():
+        if name == "full" or m.get("answer_accuracy") is None or m.get("speedup_vs_full") is None:
+            continue
+        rule, _, ratio = name.partition("@")
+        rule = {"cacheblend": "attention (engine default rule)"}.get(rule, rule)
+        out.setdefault(rule, []).append((m["speedup_vs_full"], m["answer_accuracy"], ratio or name))
+    return out
 

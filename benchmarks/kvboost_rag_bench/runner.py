@@ -28,6 +28,7 @@ prints and saves it.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import platform
@@ -42,6 +43,7 @@ from kvboost_rag.fidelity import kl_top1
 
 from . import datasets
 from .metrics import contains_answer, mean, mean_ci95, median, token_f1
+from .multihop import accuracy_by_hops, answers_agree, multihop_suite
 from .random_models import (MAX_WORD_VOCAB, build_random_model, load_random_config, random_text,
                             resolve_device, word_count)
 from .testing import word_tokenizer
@@ -59,6 +61,7 @@ class Method:
     name: str
     strategy: Optional[str]         # None -> engine default
     ratio: Optional[float]
+    overrides: tuple = ()           # (EngineConfig field, value) pairs set for this method only
 
     def kwargs(self) -> dict:
         out: dict = {}
@@ -98,15 +101,70 @@ def method_name(ratio: float) -> str:
     return "reuse" if ratio == 0 else f"cacheblend@{ratio:g}"
 
 
-def build_methods(ratios: Sequence[float]) -> list[Method]:
-    """``full`` and ``default`` always, then one method per ratio (0 -> ``reuse``)."""
+def build_methods(ratios: Sequence[float], selections: Sequence[str] = ()) -> list[Method]:
+    """``full`` and ``default`` always, then one method per ratio (0 -> ``reuse``), then one per
+    (extra selection rule, non-zero ratio), named ``rule@ratio``."""
     methods = [Method("full", "full", None), Method("default", None, None)]
     for r in ratios:
         if r == 0:
             methods.append(Method("reuse", "reuse", None))
         else:
             methods.append(Method(method_name(r), "cacheblend", float(r)))
+    for rule in selections:
+        methods += [Method(f"{rule}@{r:g}", "cacheblend", float(r), (("selection", rule),))
+                    for r in ratios if r > 0]
     return methods
+
+
+def parse_variants(specs: Sequence[str]) -> list[Method]:
+    """``NAME=field:value,field:value`` -> a ``cacheblend`` method with those EngineConfig fields
+    (numbers parsed as such), e.g. ``docs20=selection:attention_docs,recompute_ratio:0.2``."""
+    from kvboost_rag.config import EngineConfig
+
+    known = set(EngineConfig.__dataclass_fields__)
+    methods = []
+    for spec in specs or ():
+        name, _, body = str(spec).partition("=")
+        pairs = []
+        for item in filter(None, body.split(",")):
+            field, _, raw = item.partition(":")
+            if field not in known or not raw:
+                raise ValueError(f"--variant {spec!r}: expected field:value with a field of {sorted(known)}")
+            try:
+                value = float(raw) if "." in raw else int(raw)
+            except ValueError:
+                value = raw
+            pairs.append((field, value))
+        if not name or not pairs:
+            raise ValueError(f"--variant {spec!r}: expected NAME=field:value[,field:value...]")
+        fields = dict(pairs)
+        if str(fields.get("selection", "")) not in ("", *_known_rules()):
+            parse_selections(fields["selection"])  # registers a lever or raises for an unknown rule
+        EngineConfig(**fields)  # validates now, not in the middle of a run
+        methods.append(Method(name, "cacheblend", None, tuple(pairs)))
+    return methods
+
+
+def _known_rules() -> list:
+    from kvboost_rag.blend import SELECTION_RULES
+
+    return list(SELECTION_RULES)
+
+
+def parse_selections(text: Optional[str]) -> list[str]:
+    """``"attention_docs,value"`` -> rule names, each in the core registry or a lever of
+    :mod:`kvboost_rag_bench.levers` (registered on first use); ``ValueError`` for unknown names."""
+    from kvboost_rag.blend import SELECTION_RULES
+
+    from .levers import LEVERS, register_levers
+
+    names = [x.strip() for x in str(text or "").split(",") if x.strip()]
+    unknown = [n for n in names if n not in SELECTION_RULES and n not in LEVERS]
+    if unknown:
+        raise ValueError(f"--selections: unknown rule(s) {unknown}; known: {sorted({*SELECTION_RULES, *LEVERS})}")
+    if any(n in LEVERS for n in names):
+        register_levers()
+    return list(dict.fromkeys(names))
 
 
 def sweep_methods(ratio: float) -> list[Method]:
@@ -174,9 +232,21 @@ class Bench:
         self.fidelity = fidelity
         self.quiet = quiet
 
+    @contextlib.contextmanager
+    def _configured(self, method: Method):
+        """The engine with ``method.overrides`` applied for the duration (single-threaded bench)."""
+        saved = self.engine.config
+        if method.overrides:
+            self.engine.config = dataclasses.replace(saved, **dict(method.overrides))
+        try:
+            yield
+        finally:
+            self.engine.config = saved
+
     def _generate(self, segments, method: Method):
-        results = [self.engine.generate(segments, max_new_tokens=self.answer_tokens, temperature=0.0,
-                                        **method.kwargs()) for _ in range(self.repeats)]
+        with self._configured(method):
+            results = [self.engine.generate(segments, max_new_tokens=self.answer_tokens, temperature=0.0,
+                                            **method.kwargs()) for _ in range(self.repeats)]
         return results[0], [float(r.ttft_s) for r in results]
 
     def run_query(self, segments, methods: Sequence[Method], gold: Optional[str] = None) -> dict:
@@ -206,8 +276,10 @@ class Bench:
             row["exact_match"] = float(list(res.token_ids) == answer_ids)
             row["f1"] = token_f1(res.text, gold) if gold is not None else None
             row["contains_answer"] = contains_answer(res.text, gold) if gold is not None else None
+            row["agrees_with_full"] = float(answers_agree(res.text, full_text, gold))
             if self.fidelity:
-                pre = self.engine.prefill(segments, **method.kwargs())
+                with self._configured(method):
+                    pre = self.engine.prefill(segments, **method.kwargs())
                 row["prefill_ttft_s"] = float(pre.ttft_s)
                 # the fidelity prefill is one more engine-timed TTFT sample of the same computation;
                 # the lowest sample filters out interference from other processes
@@ -244,8 +316,9 @@ class Bench:
         return out
 
     def _generate_first(self, segments, method: Method):
-        results = [self.engine.generate(segments, max_new_tokens=1, temperature=0.0, **method.kwargs())
-                   for _ in range(self.repeats)]
+        with self._configured(method):
+            results = [self.engine.generate(segments, max_new_tokens=1, temperature=0.0, **method.kwargs())
+                       for _ in range(self.repeats)]
         return results[0], min(float(r.ttft_s) for r in results)
 
 
@@ -281,6 +354,22 @@ def summarize(per_query: list[dict], methods: Sequence[Method], *, has_gold: boo
                 "answer_f1": mean(r["f1"] for r in rows) if has_gold else None,
                 "answer_contains_gold": mean(r.get("contains_answer") for r in rows) if has_gold else None,
             })
+        if has_gold and rows and "agrees_with_full" in rows[0]:
+            hops = [q.get("hops") for q in per_query]
+            by_hops = accuracy_by_hops({"hops": h, "correct": r["contains_answer"]} if h else
+                                       {"correct": r["contains_answer"]} for h, r in zip(hops, rows))
+            agree, agree_ci = mean_ci95([r["agrees_with_full"] for r in rows])
+            entry.update({
+                "answer_accuracy": by_hops["overall"]["accuracy"],
+                "answer_accuracy_ci95": by_hops["overall"]["ci95"],
+                "agreement_with_full": agree,
+                "agreement_ci95": agree_ci,
+            })
+            if any(hops):
+                entry["accuracy_one_hop"] = by_hops["one_hop"]["accuracy"]
+                entry["accuracy_one_hop_ci95"] = by_hops["one_hop"]["ci95"]
+                entry["accuracy_two_hop"] = by_hops["two_hop"]["accuracy"]
+                entry["accuracy_two_hop_ci95"] = by_hops["two_hop"]["ci95"]
         if rows and "prefill_ttft_s" in rows[0]:
             entry["prefill_ttft_median_s"] = median(r["prefill_ttft_s"] for r in rows)
         summary[m.name] = entry
@@ -327,6 +416,9 @@ def _dataset(args, engine) -> tuple[list, list, str]:
     if args.corpus:
         docs, queries = datasets.load_corpus(args.corpus), datasets.load_queries(args.queries)
         source = f"{args.corpus} + {args.queries}"
+    elif args.suite == "multihop":
+        docs, queries = multihop_suite(n_questions=args.suite_size, seed=args.seed, docs_per_query=args.k)
+        source = f"multihop:seed={args.seed},n={args.suite_size}"
     else:
         docs, queries = datasets.builtin_dataset(lambda t: len(engine.tokenize_document(t)))
         source = "builtin:pydoc_data.topics"
@@ -342,7 +434,7 @@ def run_bench(args, *, engine=None) -> dict:
 
     ratios = parse_ratios(args.ratios)
     plot_docs = [] if args.no_plot else parse_int_list(args.plot_docs, "--plot-docs")
-    methods = build_methods(ratios)
+    methods = build_methods(ratios, parse_selections(args.selections)) + parse_variants(args.variant)
     store, store_dir = make_store(args)
     t0 = time.perf_counter()
     if engine is None:
@@ -378,7 +470,7 @@ def run_bench(args, *, engine=None) -> dict:
             res = bench.run_query(segs, methods, gold=q.answer)
             full_text = res.pop("_full_text")
             per_query.append({"id": q.id, "question": q.question, "answer": q.answer,
-                              "doc_ids": q.doc_ids[: args.k],
+                              "hops": (q.meta or {}).get("hops"), "doc_ids": q.doc_ids[: args.k],
                               "context_tokens": res["full"]["prompt_tokens"],
                               "full_answer": full_text, "methods": res})
             log(args.quiet, f"[bench] query {i + 1}/{len(queries)} ({res['full']['prompt_tokens']} tokens) "
