@@ -6,8 +6,8 @@ Two kinds of "engines":
   (tokenize_document, chunk_key, encode_batch, register_text, store, fingerprint, context_window)
   with deterministic synthetic tensors. Imports torch only, so subprocess tests start fast, and it
   isolates the store/warm logic from the real engine.
-* :func:`tiny_model_factory`: a real, random-weight 2-layer Llama plus an in-memory byte-level BPE
-  tokenizer, deterministic across processes (same seed, same training text), for tests that must
+* :func:`tiny_model_factory`: a real, random-weight 2-layer Llama plus the in-memory byte-level BPE
+  tokenizer of :mod:`kvboost_rag_bench.testing`, deterministic across processes, for tests that must
   go through the real :class:`~kvboost_rag.engine.KVBoostEngine`. Module-level, hence picklable
   by reference for Ray actors.
 """
@@ -98,46 +98,25 @@ def fake_engine_factory(fingerprint: str = "fake-fp-1", delay_s: float = 0.0):
 
 
 # ------------------------------------------------------------ tiny real model
-_TRAIN_TEXT = [" ".join(WORDS)] * 4 + make_docs(30, seed=123) + [
-    "The quick brown fox jumps over the lazy dog. Question: Answer: Context:\n\n0123456789"
-]
+def tiny_model(seed: int = 0, layers: int = 2):
+    """The shared tiny Llama (:mod:`kvboost_rag_bench.testing`), ``layers`` deep."""
+    from kvboost_rag_bench.testing import tiny_model as shared_tiny_model
 
-
-def tiny_tokenizer():
-    """Byte-level BPE trained in memory on a fixed text: no downloads, same vocab in every process."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=320, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                                  special_tokens=["<|endoftext|>"], show_progress=False)
-    tok.train_from_iterator(_TRAIN_TEXT, trainer=trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", bos_token="<|endoftext|>",
-                                   pad_token="<|endoftext|>")
-
-
-def tiny_model(seed: int = 0, vocab_size: int = 320, layers: int = 2):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    config = LlamaConfig(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                         eos_token_id=0, bos_token_id=0, pad_token_id=0)
-    torch.manual_seed(seed)
-    model = LlamaForCausalLM(config)
-    model.eval()
-    return model
+    return shared_tiny_model("llama", seed=seed, num_hidden_layers=layers)
 
 
 def tiny_model_factory():
     """(model, tokenizer) for ``warm_corpus`` / Ray actors."""
+    from kvboost_rag_bench.testing import tiny_tokenizer
+
     torch.set_num_threads(1)
     return tiny_model(0), tiny_tokenizer()
 
 
 def other_tiny_model_factory():
     """A different model (other seed and depth): its entries must never be served to the first."""
+    from kvboost_rag_bench.testing import tiny_tokenizer
+
     torch.set_num_threads(1)
     return tiny_model(1, layers=3), tiny_tokenizer()
 
