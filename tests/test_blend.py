@@ -1,8 +1,6 @@
 """Correctness of the blend against the exact path (a full prefill), on tiny random models."""
 from __future__ import annotations
 
-import dataclasses
-
 import pytest
 import torch
 
@@ -92,7 +90,7 @@ def test_blocked_attention_equals_dense_attention():
     prompt = _prompt(engine, [1, 3, 0, 2])
     results = []
     for block in (7, 1_000_000):
-        engine.config = dataclasses.replace(engine.config, recompute_ratio=0.2, block_size=block)
+        engine.config = engine.config.replace(recompute_ratio=0.2, block_size=block)
         results.append(engine.prefill(prompt))
     assert _max_kv_diff(*results) <= 1e-5
     assert (results[0].logits - results[1].logits).abs().max().item() <= 1e-5

@@ -318,17 +318,17 @@ def test_blend_leaves_the_shared_model_untouched_and_is_thread_safe():
 
 
 def test_engine_config_is_one_validated_dataclass():
-    from kvboost_rag import EngineConfig
+    from kvboost_rag import BlendConfig, EngineConfig
 
     engine = tiny_engine("llama", recompute_ratio=0.2, sink_tokens=2)
-    assert engine.config == EngineConfig(recompute_ratio=0.2, sink_tokens=2)
+    assert engine.config == EngineConfig().replace(recompute_ratio=0.2, sink_tokens=2)
     assert engine.blend_config.recompute_ratio == 0.2 and engine.blend_config.sink_tokens == 2
-    same = KVBoostEngine(tiny_model("llama"), tiny_tokenizer(), config=EngineConfig(recompute_ratio=0.2),
-                         sink_tokens=2)
+    same = KVBoostEngine(tiny_model("llama"), tiny_tokenizer(),
+                         config=EngineConfig(blend=BlendConfig(recompute_ratio=0.2)), sink_tokens=2)
     assert same.config == engine.config
     with pytest.raises(TypeError, match="recompute_ration"):
         tiny_engine("llama", recompute_ration=0.2)
     for bad in (dict(recompute_ratio=True), dict(recompute_ratio=1.5), dict(selection="nope"),
                 dict(strategy="fast"), dict(prefix_cache_bytes=-1)):
         with pytest.raises(InvalidConfigError):
-            EngineConfig(**bad)
+            EngineConfig().replace(**bad)

@@ -62,6 +62,8 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
                    "prefill counting as one more")
     s.add_argument("--warmup", type=int, default=1, help="discarded warm-up rounds over the first "
                    "prompt before measuring (default 1)")
+    s.add_argument("--no-fidelity", dest="fidelity", action="store_false",
+                   help="skip the teacher-forced top-1/KL pass (answers, accuracy and TTFT only; faster)")
     s.add_argument("--cold", action="store_true", help="fetch KV from a disk store (DiskStore), not memory")
     s.add_argument("--kv-bits", type=int, choices=(4, 8, 16), default=None,
                    help="store KV quantized (DiskStore kv_bits)")

@@ -72,13 +72,7 @@ def write_plots(result: dict, plot_dir: Path, stem: str = "bench") -> list[str]:
         ax.set_xlabel("context length (tokens)")
         ax.set_ylabel("time to first token (s, median)")
         ax.set_title(f"TTFT vs context: {result.get('model')}", fontsize=9)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-        fig.tight_layout()
-        p = plot_dir / f"{stem}_ttft_vs_context.png"
-        fig.savefig(p, dpi=120)
-        plt.close(fig)
-        paths.append(str(p))
+        paths.append(_save(fig, [ax], plot_dir / f"{stem}_ttft_vs_context.png", legend=8))
 
     curve = [(m["recompute_ratio"], name, m) for name, m in result["methods"].items()
              if name == "reuse" or name.startswith("cacheblend@")]
@@ -119,14 +113,22 @@ def write_plots(result: dict, plot_dir: Path, stem: str = "bench") -> list[str]:
         ax.set_xlabel("TTFT speedup vs full prefill (median of per-prompt ratios)")
         ax.set_ylabel("answer accuracy (gold in answer)")
         ax.set_title(f"accuracy-speed frontier: {result.get('model')}, {result.get('source')}", fontsize=8)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-        fig.tight_layout()
-        p = plot_dir / f"{stem}_frontier.png"
-        fig.savefig(p, dpi=120)
-        plt.close(fig)
-        paths.append(str(p))
+        paths.append(_save(fig, [ax], plot_dir / f"{stem}_frontier.png", legend=7))
     return paths
+
+
+def _save(fig, axes, path: Path, legend: int = 0) -> str:
+    """Grid on every axis (and a legend of font size ``legend``), tight layout, PNG at 120 dpi."""
+    import matplotlib.pyplot as plt
+
+    for ax in axes:
+        ax.grid(alpha=0.3)
+        if legend:
+            ax.legend(fontsize=legend)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return str(path)
 
 
 def frontier_points(result: dict) -> dict:

@@ -121,7 +121,7 @@ def parse_variants(specs: Sequence[str]) -> list[Method]:
     (numbers parsed as such), e.g. ``docs20=selection:attention_docs,recompute_ratio:0.2``."""
     from kvboost_rag.config import EngineConfig
 
-    known = set(EngineConfig.__dataclass_fields__)
+    known = set(EngineConfig.__dataclass_fields__) | set(EngineConfig().blend.__dataclass_fields__)
     methods = []
     for spec in specs or ():
         name, _, body = str(spec).partition("=")
@@ -140,7 +140,7 @@ def parse_variants(specs: Sequence[str]) -> list[Method]:
         fields = dict(pairs)
         if str(fields.get("selection", "")) not in ("", *_known_rules()):
             parse_selections(fields["selection"])  # registers a lever or raises for an unknown rule
-        EngineConfig(**fields)  # validates now, not in the middle of a run
+        EngineConfig().replace(**fields)  # validates now, not in the middle of a run
         methods.append(Method(name, "cacheblend", None, tuple(pairs)))
     return methods
 
@@ -237,7 +237,7 @@ class Bench:
         """The engine with ``method.overrides`` applied for the duration (single-threaded bench)."""
         saved = self.engine.config
         if method.overrides:
-            self.engine.config = dataclasses.replace(saved, **dict(method.overrides))
+            self.engine.config = saved.replace(**dict(method.overrides))
         try:
             yield
         finally:
@@ -344,16 +344,15 @@ def summarize(per_query: list[dict], methods: Sequence[Method], *, has_gold: boo
             "recomputed_fraction": frac("recomputed_tokens"),
             "fresh_fraction": frac("fresh_tokens"),
         }
-        if rows and "kl" in rows[0]:
-            kl_mean, kl_ci = mean_ci95([r["kl"] for r in rows], lower=0.0)
+        if rows and "exact_match" in rows[0]:
             entry.update({
-                "top1_agreement": mean(r["top1"] for r in rows),
-                "kl_mean": kl_mean,
-                "kl_ci95": kl_ci,
                 "greedy_exact_match": mean(r["exact_match"] for r in rows),
                 "answer_f1": mean(r["f1"] for r in rows) if has_gold else None,
                 "answer_contains_gold": mean(r.get("contains_answer") for r in rows) if has_gold else None,
             })
+        if rows and "kl" in rows[0]:
+            kl_mean, kl_ci = mean_ci95([r["kl"] for r in rows], lower=0.0)
+            entry.update({"top1_agreement": mean(r["top1"] for r in rows), "kl_mean": kl_mean, "kl_ci95": kl_ci})
         if has_gold and rows and "agrees_with_full" in rows[0]:
             hops = [q.get("hops") for q in per_query]
             by_hops = accuracy_by_hops({"hops": h, "correct": r["contains_answer"]} if h else
@@ -459,7 +458,8 @@ def run_bench(args, *, engine=None) -> dict:
         warm_s = time.perf_counter() - t0
         log(args.quiet, f"[bench] warmed {len(used)} documents in {warm_s:.1f}s")
 
-        bench = Bench(engine, answer_tokens=args.answer_tokens, repeats=args.repeats, quiet=args.quiet)
+        bench = Bench(engine, answer_tokens=args.answer_tokens, repeats=args.repeats, fidelity=args.fidelity,
+                      quiet=args.quiet)
         prompts = [build_prompt(engine, [by_id[d].text for d in q.doc_ids[: args.k]], q.question)
                    for q in queries]
         for _ in range(args.warmup):          # discarded warm-up round(s)
