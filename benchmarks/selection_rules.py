@@ -76,7 +76,7 @@ def main() -> None:
         full_ttft = engine.prefill(prompt, strategy="full").ttft_s
         engine.prefill(prompt)  # fills the prefix cache (the leading text is the same in every prompt)
         for name, kw in rules.items():
-            engine.blend_config = BlendConfig(**kw)
+            engine.config = engine.config.replace(blend=BlendConfig(**kw))
             pre = engine.prefill(prompt)
             kl, top1 = kl_top1(ref, engine.teacher_forced_logits(pre, answer))
             rows[name].append(dict(top1=top1, kl=kl,

@@ -88,14 +88,6 @@ class KVBoostEngine:
         self._lock = threading.RLock()
         self._load_detector_from_store()
 
-    @property
-    def strategy(self) -> str:
-        return self.config.strategy
-
-    @property
-    def blend_config(self) -> BlendConfig:
-        return self.config.blend
-
     # ------------------------------------------------------------------ construction
     @classmethod
     def from_pretrained(cls, model: Union[str, os.PathLike, None] = None, *, store: Union[KVStore, str, os.PathLike, None] = None,
@@ -188,7 +180,7 @@ class KVBoostEngine:
 
     # ------------------------------------------------------------------ query time
     def _resolve(self, strategy: Optional[str], recompute_ratio: Optional[float]) -> tuple[str, BlendConfig]:
-        strategy = strategy or self.strategy
+        strategy = strategy or self.config.strategy
         if strategy not in STRATEGIES:
             raise InvalidConfigError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
         config = self.config.blend

@@ -69,7 +69,7 @@ def test_telemetry_partitions_prompt_tokens(engine):
     assert r.reused_tokens > 0 and r.recomputed_tokens > 0 and r.fresh_tokens > 0
     assert 0 < r.ttft_s <= r.total_s
     assert r.completion_tokens == len(r.token_ids) <= 5
-    assert r.strategy == "cacheblend" and r.recompute_ratio == engine.blend_config.recompute_ratio == 0.1
+    assert r.strategy == "cacheblend" and r.recompute_ratio == engine.config.blend.recompute_ratio == 0.1
     again = engine.generate(explicit_prompt([3, 2, 1]), max_new_tokens=1)  # same leading text
     assert again.prefix_cached_tokens == len(engine.tokenize("Context:\n").input_ids) > 0
     assert again.telemetry()["prefix_cached_tokens"] == again.prefix_cached_tokens
@@ -322,7 +322,7 @@ def test_engine_config_is_one_validated_dataclass():
 
     engine = tiny_engine("llama", recompute_ratio=0.2, sink_tokens=2)
     assert engine.config == EngineConfig().replace(recompute_ratio=0.2, sink_tokens=2)
-    assert engine.blend_config.recompute_ratio == 0.2 and engine.blend_config.sink_tokens == 2
+    assert engine.config.blend.recompute_ratio == 0.2 and engine.config.blend.sink_tokens == 2
     same = KVBoostEngine(tiny_model("llama"), tiny_tokenizer(),
                          config=EngineConfig(blend=BlendConfig(recompute_ratio=0.2)), sink_tokens=2)
     assert same.config == engine.config
