@@ -303,8 +303,43 @@ def test_tiny_bench_json_schema(tmp_path):
         assert key in res["machine"]
     assert res["model"]
     assert [s["n_docs"] for s in res["scaling"]] == [1, 2]
-    assert len(res["plots"]) == 2 and all(Path(p).exists() for p in res["plots"])
+    assert [Path(p).name for p in res["plots"]] == ["b_ttft_vs_context.png", "b_ratio_curve.png", "b_frontier.png"]
+    assert all(Path(p).exists() for p in res["plots"])
     assert res["per_query"][0]["doc_ids"] == queries[0]["doc_ids"][:3]
+    for m in res["methods"].values():  # gold answers given: accuracy and agreement with the full prefill
+        assert 0.0 <= m["answer_accuracy"] <= 1.0 and 0.0 <= m["agreement_with_full"] <= 1.0
+    assert res["methods"]["full"]["agreement_with_full"] == 1.0
+
+
+def test_multihop_suite_with_levers_and_variants_runs_through_the_cli(tmp_path):
+    """--suite multihop: accuracy split by hops; --selections / --variant add methods that run with
+    their own engine settings and leave the engine's configuration as it was."""
+    _engine_available()
+    engine = tiny_bench_engine()
+    before = engine.config
+    out = tmp_path / "m.json"
+    args = cli.build_parser().parse_args([
+        "--suite", "multihop", "--suite-size", "4", "--max-queries", "2", "--k", "2", "--ratios", "0.2",
+        "--selections", "attention_docs", "--variant", "k12=reused_key_scale:1.2,sink_tokens:2",
+        "--answer-tokens", "2", "--no-fidelity", "--warmup", "0", "--plot-docs", "", "--json", str(out), "--quiet"])
+    assert cli.run_from_args(args, engine=engine) == 0
+    res = json.loads(out.read_text())
+    assert set(res["methods"]) == {"full", "default", "cacheblend@0.2", "attention_docs@0.2", "k12"}
+    assert engine.config == before
+    for m in res["methods"].values():
+        assert {"accuracy_one_hop", "accuracy_two_hop", "agreement_with_full", "answer_accuracy"} <= set(m)
+        assert "top1_agreement" not in m  # --no-fidelity
+    assert {q["hops"] for q in res["per_query"]} <= {1, 2}
+    assert any(Path(p).name == "m_frontier.png" for p in res["plots"])
+
+
+def test_bad_variants_and_selections_are_clear_errors():
+    for spec in (["x=nope:1"], ["x="], ["=selection:attention"], ["x=recompute_ratio:2.0"]):
+        with pytest.raises(Exception) as err:
+            runner.parse_variants(spec)
+        assert "variant" in str(err.value) or "recompute_ratio" in str(err.value)
+    with pytest.raises(ValueError, match="unknown rule"):
+        runner.parse_selections("attention,nonsense")
 
 
 def test_random_weights_cli(tmp_path, capsys, monkeypatch):
