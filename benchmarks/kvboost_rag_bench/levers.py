@@ -1,7 +1,7 @@
 """Candidate selection rules (quality levers), measured on the multi-hop suite before any joins the core.
 
-Each lever is one selection rule (``rule(ctx) -> Selection``) built from the question probe of
-:func:`kvboost_rag.blend.selection.question_attention`; :func:`register_levers` adds them to
+Each lever is one selection rule (``rule(ctx) -> Selection``) built from the question probe
+:func:`kvboost_rag.blend.selection.question_scores`; :func:`register_levers` adds them to
 ``SELECTION_RULES`` under the names below, so ``engine.generate(..., )`` with an engine whose
 ``selection`` is one of them runs it. What wins moves into ``kvboost_rag/blend/selection.py``.
 
@@ -19,25 +19,7 @@ from __future__ import annotations
 
 import torch
 
-from kvboost_rag.blend.selection import SELECTION_RULES, Selection, SelectionContext
-
-
-def question_scores(ctx: SelectionContext, per_layer: bool = False) -> torch.Tensor:
-    """The question probe: [N] attention summed over layers, or [layers, N] with ``per_layer``."""
-    runner = ctx.runner
-    probe = runner.all_positions[ctx.unstored]
-    rows = probe > int(runner.all_positions[ctx.reused].max())
-    if not bool(rows.any()):
-        rows = probe == probe[-1]
-    n = runner.all_positions.numel()
-    scores = torch.zeros((runner.num_layers, n) if per_layer else (n,), dtype=torch.float32, device=probe.device)
-    meta = runner.metadata(probe, scores[0] if per_layer else scores, rows)
-    hidden = runner.embeddings[probe]
-    for layer_idx in range(runner.num_layers):
-        if per_layer:
-            meta.scores = scores[layer_idx]
-        hidden = runner.run(layer_idx, hidden, meta)
-    return scores
+from kvboost_rag.blend.selection import SELECTION_RULES, Selection, SelectionContext, question_scores
 
 
 def _selection(ctx: SelectionContext, keep_candidates: torch.Tensor) -> Selection:

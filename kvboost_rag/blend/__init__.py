@@ -66,9 +66,9 @@ def blend(model, adapter: ModelAdapter, input_ids: torch.Tensor, reused: torch.T
     documents = sorted(documents or [])
     for start, _end in documents if config.sink_tokens else []:
         must[start: start + config.sink_tokens] = True
-    recomputable = reused & ~must if exact is None else reused & ~must & ~exact
+    stale = reused if exact is None else reused & ~exact   # stored KV that is not already exact
+    recomputable = stale & ~must
     if config.reused_key_scale != 1.0:
-        stale = reused if exact is None else reused & ~exact
         keys[:, :, stale] *= config.reused_key_scale
     ctx = SelectionContext(runner, reused, unstored, must, runner.all_positions[recomputable],
                            config.recompute_ratio, config.check_layer, documents)
