@@ -22,9 +22,13 @@ _EXPORTS = {
     "DiskStore": "disk_store", "TieredStore": "disk_store", "open_store": "disk_store",
     "warm_corpus": "warm", "WarmReport": "warm",
     "KVBoostError": "errors", "UnsupportedModelError": "errors", "ContextWindowError": "errors",
-    "EmptyInputError": "errors", "InvalidConfigError": "errors", "StoreError": "errors",
+    "EmptyInputError": "errors", "InvalidConfigError": "errors", "InvalidInputError": "errors",
+    "GenerationCancelled": "errors", "StoreError": "errors",
     "ModelMismatchError": "errors", "CorruptEntryError": "errors", "PackagedModelError": "errors",
     "PackagedModelNotInstalledError": "errors", "PackagedModelCorruptError": "errors",
+    "StructuredOutputError": "errors", "ToolsNotSupportedError": "errors",
+    "json_schema_constraint": "structured", "json_object_constraint": "structured", "Constraint": "structured",
+    "ToolCall": "tools", "parse_tool_calls": "tools", "render_tools": "tools", "generate_tool_calls": "tools",
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]

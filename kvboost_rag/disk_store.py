@@ -21,8 +21,20 @@ Why it is safe to crash, to run two writers, and to read while writing:
 * **Model isolation**: the header records the model fingerprint; an entry made by another model is
   never returned (``get`` -> None, ``contains`` -> False), whatever the key.
 
-``contains`` reads only the header (safetensors also checks that the file length matches it, which
-catches truncation); full checksum verification happens on ``get`` and in :meth:`DiskStore.verify`.
+* **Never touches what it did not write**: a directory holding anything but shard folders at its
+  top level (a model folder, ``--store`` pointed at the wrong place) is refused with a
+  :class:`~kvboost_rag.errors.StoreError`. Eviction, ``clear``, corruption removal and
+  ``inspect --repair`` delete only :meth:`DiskStore._wrote` files: named and placed like an entry,
+  regular (symlinks are never followed) and marked ``format=kvboost-rag-kv/1`` in their header.
+* **One bad file is a miss**: an entry path that is a directory, FIFO, symlink, unreadable, padded
+  to 20 GB or whose header fields have wrong types is a miss for ``get``/``contains`` and a named
+  bad entry in ``verify``; files are opened non-blocking and their size must match what the
+  header describes before the body is read (:func:`_read_entry`).
+* **Temp files of killed writers** carry host and pid in their name and are removed on the next
+  open once that pid is gone (or after an hour untouched); a live writer's are never touched.
+
+``contains`` reads only the header (and checks that the file length matches it, which catches
+truncation); full checksum verification happens on ``get`` and in :meth:`DiskStore.verify`.
 
 Header fields (strings): format, fingerprint, encoding_version, num_tokens, start, dtype, shape,
 kv_bits, created, last_used (= created; the live last-used time is the file's mtime, refreshed with
@@ -38,9 +50,12 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
 import re
 import secrets
+import socket
+import stat
 import struct
 import threading
 import time
@@ -50,7 +65,6 @@ from typing import Dict, Iterator, List, Optional, Tuple, Union
 
 import torch
 import xxhash
-from safetensors import safe_open
 from safetensors.torch import save as st_save
 
 from .chunk import KVChunk
@@ -63,6 +77,36 @@ log = logging.getLogger(__name__)
 FORMAT = "kvboost-rag-kv/1"
 SUFFIX = ".safetensors"
 _KEY_RE = re.compile(r"[0-9A-Za-z][0-9A-Za-z_\-]{1,254}")
+#: Shard folder names: ``key[:2].lower()``. The only thing the store ever puts in its root.
+_SHARD_RE = re.compile(r"[0-9a-z][0-9a-z_\-]")
+#: Temp file of an atomic write: ``.<key>.safetensors.<host>.<pid>.<random>.tmp`` (files written
+#: before the host was recorded lack it; they are cleaned by age only).
+_TEMP_RE = re.compile(r"\.[0-9A-Za-z][0-9A-Za-z_\-]{1,254}\.safetensors\.(?:(?P<host>[0-9A-Za-z-]{1,63})\.)?"
+                      r"(?P<pid>[0-9]{1,10})\.[0-9a-f]{8}\.tmp")
+_HOST = re.sub(r"[^0-9A-Za-z-]", "-", socket.gethostname())[:63] or "host"
+#: A temp file untouched this long is abandoned whoever wrote it (a live write keeps touching
+#: its file and renames it within seconds); younger ones are removed only if their writer is dead.
+STALE_TEMP_AGE_S = 3600.0
+
+
+def _is_entry_name(name: str, shard: str) -> bool:
+    """Whether ``shard/name`` is exactly where the store would put an entry: ``<key>.safetensors``
+    in the folder ``key[:2].lower()``."""
+    key = name[: -len(SUFFIX)]
+    return name.endswith(SUFFIX) and _KEY_RE.fullmatch(key) is not None and key[:2].lower() == shard
+
+
+def _pid_alive(pid: int) -> bool:
+    """False only when ``pid`` certainly no longer exists on this host (ESRCH)."""
+    if os.name != "posix":
+        return True  # no signal-0 probe: age alone decides
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (OSError, OverflowError):
+        return True  # EPERM: alive, owned by someone else
+    return True
 
 
 def default_store_dir() -> Path:
@@ -120,38 +164,147 @@ def _checksum_field(metadata: Dict[str, str]) -> Optional[str]:
 # safetensors dtype codes as they appear in the JSON header.
 _ST_DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "U8": "uint8", "I8": "int8",
               "I32": "int32", "I64": "int64", "F64": "float64"}
+#: safetensors' own limit on the JSON header; a larger length prefix is damage, not an entry.
+MAX_HEADER_BYTES = 100 << 20
 
 
-def _parse_file(data: Union[bytes, bytearray]) -> Tuple[Dict[str, str], List[Tuple[str, str, List[int], memoryview, int]]]:
-    """Header metadata and ``(name, dtype, shape, bytes, offset)`` of each tensor of a safetensors
-    blob (raises on damage)."""
-    if len(data) < 8:
+def _file_kind(mode: int) -> str:
+    for test, name in ((stat.S_ISDIR, "a directory"), (stat.S_ISLNK, "a symlink"), (stat.S_ISFIFO, "a FIFO"),
+                       (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a device"), (stat.S_ISBLK, "a device")):
+        if test(mode):
+            return name
+    return "not a regular file"
+
+
+def _open_regular(path: Path):
+    """``path`` opened for reading, or OSError/ValueError if it is not a plain file.
+
+    Never follows a symlink (O_NOFOLLOW, and lstat first) and never blocks: a FIFO in the store
+    would hang a plain ``open``; lstat rejects it, and O_NONBLOCK covers a swap between the two."""
+    st = os.lstat(path)
+    if not stat.S_ISREG(st.st_mode):
+        raise ValueError(f"{_file_kind(st.st_mode)}, not an entry file")
+    flags = os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+    f = os.fdopen(os.open(path, flags), "rb", buffering=0)
+    st = os.fstat(f.fileno())
+    if not stat.S_ISREG(st.st_mode):
+        f.close()
+        raise ValueError(f"{_file_kind(st.st_mode)}, not an entry file")
+    return f
+
+
+def _read_exactly(f, n: int, into: Optional[memoryview] = None) -> Union[bytes, memoryview]:
+    buf = into if into is not None else memoryview(bytearray(n))
+    got = 0
+    while got < n:
+        k = f.readinto(buf[got:])
+        if not k:
+            raise ValueError(f"file ended after {got} of {n} bytes (truncated while reading)")
+        got += k
+    return buf if into is not None else bytes(buf)
+
+
+def _header_of(f) -> Tuple[dict, int, int]:
+    """``(header JSON, header length, file size)`` of an open safetensors file, reading only the
+    length prefix and the header (bounded by the file size and MAX_HEADER_BYTES)."""
+    size = os.fstat(f.fileno()).st_size
+    if size < 8:
         raise ValueError("file shorter than the safetensors length prefix")
-    (n,) = struct.unpack("<Q", data[:8])
-    if n > len(data) - 8:
-        raise ValueError("header runs past the end of the file (truncated)")
-    header = json.loads(data[8 : 8 + n])
+    (n,) = struct.unpack("<Q", _read_exactly(f, 8))
+    if n > min(size - 8, MAX_HEADER_BYTES):
+        raise ValueError(f"header length {n} does not fit a {size}-byte file (truncated or not safetensors)")
+    header = json.loads(_read_exactly(f, n))
+    if not isinstance(header, dict):
+        raise ValueError("header is not a JSON object")
+    return header, n, size
+
+
+def _read_header(path: Path) -> dict:
+    """The raw safetensors header of ``path`` (no size check: used to recognise our own files)."""
+    with _open_regular(path) as f:
+        return _header_of(f)[0]
+
+
+def _layout(header: dict, n: int, size: int) -> Tuple[Dict[str, str], List[Tuple[str, str, List[int], int, int]]]:
+    """Metadata and ``(name, dtype, shape, begin, end)`` of each tensor (absolute offsets).
+
+    Raises ValueError unless every field has the right type, each tensor's byte range matches its
+    dtype and shape, and the tensors end exactly at ``size``: the size bound that lets a reader
+    reject a truncated, padded or absurdly large file before reading its body."""
+    header = dict(header)
     metadata = header.pop("__metadata__", None) or {}
-    base = 8 + n
-    view = memoryview(data)
-    pieces = []
-    end_max = 0
+    if not isinstance(metadata, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
+        raise ValueError("header metadata is not a string -> string map")
+    base, end_max, specs = 8 + n, 0, []
     for name, info in header.items():
-        start, end = info["data_offsets"]
+        try:
+            dtype = _ST_DTYPES[info["dtype"]]
+            shape = [int(d) for d in info["shape"] if type(d) is int and d >= 0]
+            begin, end = (int(o) for o in info["data_offsets"] if type(o) is int)
+        except (KeyError, TypeError, ValueError):
+            raise ValueError(f"tensor {name!r}: malformed header entry {info!r:.200}") from None
+        if len(shape) != len(info["shape"]) or not 0 <= begin <= end:
+            raise ValueError(f"tensor {name!r}: malformed shape or offsets")
+        if end - begin != math.prod(shape) * getattr(torch, dtype).itemsize:
+            raise ValueError(f"tensor {name!r}: {end - begin} bytes do not match {dtype} {shape}")
         end_max = max(end_max, end)
-        pieces.append((name, _ST_DTYPES.get(info["dtype"], info["dtype"]), list(info["shape"]), view[base + start : base + end], base + start))
-    if base + end_max != len(data):
-        raise ValueError(f"file is {len(data)} bytes, header describes {base + end_max} (truncated or padded)")
-    return metadata, pieces
+        specs.append((name, dtype, shape, base + begin, base + end))
+    if base + end_max != size:
+        raise ValueError(f"file is {size} bytes, header describes {base + end_max} (truncated or padded)")
+    return metadata, specs
 
 
-def _read_file(path: Path) -> bytearray:
-    """The whole file in a fresh writable buffer (one copy out of the page cache)."""
-    with open(path, "rb") as f:
-        size = os.fstat(f.fileno()).st_size
-        buf = bytearray(size)
-        got = f.readinto(buf)
-    return buf if got == size else buf[:got]  # shrank while reading: the parse then rejects it
+def _read_entry(path: Path, *, whole: bool) -> Tuple[Dict[str, str], list, Optional[bytearray]]:
+    """Metadata, tensor layout and (if ``whole``) the file in a fresh writable buffer.
+
+    The one way the store reads an entry: a plain file only (see :func:`_open_regular`), and the
+    body is read only once the header has accounted for every byte of it (:func:`_layout`), so a
+    20 GB sparse file or a wrong header is rejected without allocating anything."""
+    with _open_regular(path) as f:
+        header, n, size = _header_of(f)
+        metadata, specs = _layout(header, n, size)
+        if not whole:
+            return metadata, specs, None
+        data = bytearray(size)
+        f.seek(0)
+        _read_exactly(f, size, memoryview(data))
+    return metadata, specs, data
+
+
+_KV_DTYPES = ("float32", "float16", "bfloat16")
+
+
+def _fields(m: Dict[str, str]) -> dict:
+    """The typed header fields of an entry, or ValueError naming the first bad one.
+
+    Every reader goes through this, so a header with wrong types (``num_tokens: "q0"``) or
+    inconsistent ones is a damaged entry (a miss), never an exception out of ``int()``."""
+    if m.get("format") != FORMAT:
+        raise ValueError(f"not a kvboost-rag entry (format={m.get('format')!r})")
+    if _checksum_field(m) is None:
+        raise ValueError("header has no checksum")
+
+    def field(name, conv, ok=lambda v: True):
+        try:
+            value = conv(m[name])
+            if ok(value):
+                return value
+        except (KeyError, TypeError, ValueError):
+            pass
+        raise ValueError(f"header field {name}={m.get(name)!r:.80} is invalid")
+
+    shape = field("shape", json.loads,
+                  lambda s: isinstance(s, list) and len(s) == 4 and all(type(d) is int and d >= 0 for d in s))
+    return {
+        "fingerprint": field("fingerprint", str),
+        "num_tokens": field("num_tokens", int, lambda n: n == shape[2]),
+        "start": field("start", int),
+        "kv_bits": field("kv_bits", int, lambda b: b in (16, 8, 4)),
+        "dtype": field("dtype", str, lambda d: d in _KV_DTYPES),
+        "shape": shape,
+        "created": field("created", float),
+        "meta": field("meta", json.loads, lambda v: isinstance(v, dict)),
+    }
 
 
 def _tensor_view(data: bytearray, dtype: str, shape: List[int], offset: int, nbytes: int) -> torch.Tensor:
@@ -199,6 +352,8 @@ class DiskStore:
         self.evictions = 0
         self.bytes_written = 0
         self.corrupt_keys: List[str] = []
+        self._check_root()
+        self.remove_stale_temp_files()
 
     def __repr__(self) -> str:
         return f"DiskStore({str(self.root)!r}, kv_bits={self.kv_bits}, max_bytes={self.max_bytes})"
@@ -210,15 +365,78 @@ class DiskStore:
             raise StoreError(f"invalid store key {key!r}: expected 2-255 characters of [0-9A-Za-z_-]")
         return self.root / key[:2].lower() / f"{key}{SUFFIX}"
 
-    def _iter_paths(self) -> Iterator[Path]:
-        if not self.root.is_dir():
+    def _check_root(self) -> None:
+        """Refuse a directory holding anything the store would not have written at its top level
+        (a model folder, a home directory...): ``--store`` pointed at the wrong place must fail
+        loudly, not have the store list, evict or repair files there. Missing/empty is fine."""
+        try:
+            names = sorted(e.name for e in os.scandir(self.root)
+                           if not (_SHARD_RE.fullmatch(e.name) and e.is_dir(follow_symlinks=False)))
+        except FileNotFoundError:
             return
-        for shard in sorted(self.root.iterdir()):
-            if not shard.is_dir() or shard.name.startswith("."):
+        except NotADirectoryError:
+            raise StoreError(f"store path {self.root} is a file, not a directory") from None
+        if names:
+            raise StoreError(
+                f"{self.root} is not a kvboost-rag store: it holds {names[0]!r}"
+                + (f" and {len(names) - 1} other foreign entr{'y' if len(names) == 2 else 'ies'}" if len(names) > 1 else "")
+                + ", which the store never writes (it only creates two-character shard folders). "
+                "Point the store at an empty or dedicated directory.")
+
+    def _shards(self) -> Iterator[Path]:
+        """Shard folders: real directories (never symlinks) with a shard name."""
+        try:
+            entries = sorted(os.scandir(self.root), key=lambda e: e.name)
+        except (FileNotFoundError, NotADirectoryError):
+            return
+        for e in entries:
+            if _SHARD_RE.fullmatch(e.name) and e.is_dir(follow_symlinks=False):
+                yield Path(e.path)
+
+    def _iter_paths(self) -> Iterator[Path]:
+        """Every path named like an entry in its own shard (whatever its type: readers check)."""
+        for shard in self._shards():
+            try:
+                names = sorted(os.listdir(shard))
+            except OSError:
                 continue
-            for p in sorted(shard.iterdir()):
-                if p.name.endswith(SUFFIX) and not p.name.startswith("."):
-                    yield p
+            for name in names:
+                if _is_entry_name(name, shard.name):
+                    yield shard / name
+
+    def _wrote(self, path: Path, *, unreadable_ok: bool = False) -> bool:
+        """Whether the store wrote ``path``: the only files it ever deletes.
+
+        It must sit where the store puts entries (:func:`_is_entry_name`), be a regular file (never
+        a symlink, so nothing outside the root is reachable) and carry the store's ``format`` marker
+        in its header. A file whose header cannot be read at all counts only with
+        ``unreadable_ok`` (``verify(remove=True)``, i.e. ``inspect --repair``)."""
+        if path.parent.parent != self.root or not _is_entry_name(path.name, path.parent.name):
+            return False
+        try:
+            if not stat.S_ISREG(os.lstat(path).st_mode):
+                return False
+            metadata = _read_header(path).get("__metadata__")
+        except FileNotFoundError:
+            return False
+        except (OSError, ValueError, RecursionError):
+            return unreadable_ok
+        return isinstance(metadata, dict) and metadata.get("format") == FORMAT
+
+    def _remove(self, path: Path, *, unreadable_ok: bool = False, expect: Optional[os.stat_result] = None) -> bool:
+        """Delete ``path`` if the store wrote it and (given ``expect``) it is still the file that
+        was read: a concurrent writer may have replaced it with a good copy. True if deleted."""
+        if not self._wrote(path, unreadable_ok=unreadable_ok):
+            return False
+        try:
+            if expect is not None:
+                now = os.lstat(path)
+                if (now.st_ino, now.st_mtime_ns, now.st_size) != (expect.st_ino, expect.st_mtime_ns, expect.st_size):
+                    return False
+            path.unlink()
+            return True
+        except FileNotFoundError:
+            return False
 
     def keys(self) -> Iterator[str]:
         """Keys of every entry file present (intact or not)."""
@@ -234,7 +452,7 @@ class DiskStore:
         total = 0
         for p in self._iter_paths():
             try:
-                total += p.stat().st_size
+                total += os.lstat(p).st_size
             except FileNotFoundError:
                 pass
         return total
@@ -269,36 +487,36 @@ class DiskStore:
         return st_save(tensors, metadata=metadata)
 
     @staticmethod
-    def _deserialize(data: bytearray) -> Tuple[Dict[str, str], Dict[str, torch.Tensor]]:
-        """Parse and verify a blob; raises ValueError naming what is wrong. The tensors are views
-        of ``data`` (which they keep alive), so a verified entry is never copied twice."""
-        metadata, pieces = _parse_file(data)
-        if metadata.get("format") != FORMAT:
-            raise ValueError(f"not a kvboost-rag entry (format={metadata.get('format')!r})")
+    def _deserialize(metadata: Dict[str, str], specs: list, data: bytearray) -> Tuple[Dict[str, str], Dict[str, torch.Tensor]]:
+        """Verify an entry read by :func:`_read_entry`; raises ValueError naming what is wrong. The
+        tensors are views of ``data`` (which they keep alive), so a verified entry is never copied twice."""
+        _fields(metadata)
         field = _checksum_field(metadata)
-        if field is None:
-            raise ValueError("header has no checksum")
+        view = memoryview(data)
+        pieces = [(name, dtype, shape, view[begin:end]) for name, dtype, shape, begin, end in specs]
         if _checksum(metadata, pieces, field) != metadata[field]:
             raise ValueError("checksum mismatch (bytes changed after writing)")
-        return metadata, {name: _tensor_view(data, dtype, shape, offset, piece.nbytes)
-                          for name, dtype, shape, piece, offset in pieces}
+        return metadata, {name: _tensor_view(data, dtype, shape, begin, end - begin)
+                          for name, dtype, shape, begin, end in specs}
 
     @staticmethod
     def _to_chunk(metadata: Dict[str, str], tensors: Dict[str, torch.Tensor]) -> KVChunk:
-        bits = int(metadata["kv_bits"])
-        dtype = getattr(torch, metadata["dtype"])
-        if bits == 16:
+        f = _fields(metadata)
+        dtype = getattr(torch, f["dtype"])
+        if f["kv_bits"] == 16:
             keys, values = tensors["keys"], tensors["values"]
         else:
-            keys, values = dequantize_kv(tensors, bits, tuple(json.loads(metadata["shape"])), dtype)
+            keys, values = dequantize_kv(tensors, f["kv_bits"], tuple(f["shape"]), dtype)
+        if list(keys.shape) != f["shape"] or keys.dtype != dtype:
+            raise ValueError(f"tensors are {keys.dtype} {list(keys.shape)}, header says {f['dtype']} {f['shape']}")
         return KVChunk(
             keys=keys,
             values=values,
-            start=int(metadata["start"]),
-            token_ids=tuple(tensors["token_ids"].tolist()),
-            fingerprint=metadata["fingerprint"],
-            text=metadata["text"] if metadata.get("has_text") == "1" else None,
-            meta=json.loads(metadata.get("meta") or "{}"),
+            start=f["start"],
+            token_ids=tuple(tensors["token_ids"].reshape(-1).tolist()),
+            fingerprint=f["fingerprint"],
+            text=metadata.get("text", "") if metadata.get("has_text") == "1" else None,
+            meta=f["meta"],
         )
 
     def as_stored(self, chunk: KVChunk) -> KVChunk:
@@ -310,49 +528,41 @@ class DiskStore:
         return KVChunk(keys, values, chunk.start, tuple(chunk.token_ids), chunk.fingerprint, chunk.text, dict(chunk.meta))
 
     # ------------------------------------------------------------- corruption
-    def _mark_corrupt(self, key: str, path: Path, reason: str, st: Optional[os.stat_result]) -> None:
-        """Count, log and remove a damaged entry so it is recomputed, never served.
-
-        Removed only if the file is still the one we read: a concurrent writer may already have
-        replaced it with a good copy."""
+    def _mark_corrupt(self, key: str, path: Path, reason: str, st: Optional[os.stat_result],
+                      *, unreadable_ok: bool = False) -> bool:
+        """Count and log a damaged entry; remove it so it is recomputed, never served, if the
+        store wrote it (:meth:`_remove`). Returns whether it was removed."""
         with self._lock:
             self.corrupt += 1
             if key not in self.corrupt_keys:
                 self.corrupt_keys.append(key)
         log.warning("kvboost-rag store: corrupt entry %s (%s): %s; it will be recomputed", key, path, reason)
         try:
-            now = path.stat()
-            if st is None or (now.st_ino == st.st_ino and now.st_mtime_ns == st.st_mtime_ns and now.st_size == st.st_size):
-                path.unlink()
-        except FileNotFoundError:
-            pass
+            return self._remove(path, unreadable_ok=unreadable_ok, expect=st)
         except OSError as exc:  # read-only store: still never served
             log.warning("kvboost-rag store: could not remove corrupt entry %s: %s", path, exc)
-
-    def _read_header(self, path: Path) -> Dict[str, str]:
-        with safe_open(str(path), framework="pt") as f:
-            return f.metadata() or {}
+            return False
 
     # -------------------------------------------------------------- interface
     def get(self, key: str, fingerprint: str) -> Optional[KVChunk]:
         """The verified chunk for ``key`` made by ``fingerprint``, else None (miss)."""
         path = self.path_for(key)
         try:
-            st = path.stat()
-            data = _read_file(path)
-        except FileNotFoundError:
-            with self._lock:
-                self.misses += 1
-            return None
-        try:
-            metadata, tensors = self._deserialize(data)
-            if metadata.get("fingerprint") != fingerprint:
+            st = os.lstat(path)
+            metadata, tensors = self._deserialize(*_read_entry(path, whole=True))
+            if metadata["fingerprint"] != fingerprint:
                 with self._lock:
                     self.mismatches += 1
                     self.misses += 1
                 return None
             chunk = self._to_chunk(metadata, tensors)
-        except Exception as exc:  # any parse/verify failure means the entry is unusable
+        except FileNotFoundError:
+            with self._lock:
+                self.misses += 1
+            return None
+        except MemoryError:
+            raise  # an intact entry too large for this machine is not damage
+        except Exception as exc:  # any read/parse/verify failure means the entry is unusable
             self._mark_corrupt(key, path, f"{type(exc).__name__}: {exc}", st)
             with self._lock:
                 self.misses += 1
@@ -372,20 +582,14 @@ class DiskStore:
         bit flip inside tensor data is caught by ``get``/``verify`` instead."""
         path = self.path_for(key)
         try:
-            st = path.stat()
-        except FileNotFoundError:
-            return False
-        try:
-            metadata = self._read_header(path)
+            st = os.lstat(path)
+            fields = _fields(_read_entry(path, whole=False)[0])
         except FileNotFoundError:
             return False
         except Exception as exc:
-            self._mark_corrupt(key, path, f"unreadable header: {exc}", st)
+            self._mark_corrupt(key, path, f"unreadable header: {type(exc).__name__}: {exc}", st)
             return False
-        if metadata.get("format") != FORMAT or _checksum_field(metadata) is None:
-            self._mark_corrupt(key, path, "header is not a kvboost-rag entry", st)
-            return False
-        return metadata.get("fingerprint") == fingerprint
+        return fields["fingerprint"] == fingerprint
 
     def put(self, key: str, chunk: KVChunk) -> int:
         """Write ``chunk`` atomically under ``key`` (replacing any previous entry); returns bytes written."""
@@ -406,7 +610,8 @@ class DiskStore:
         directory = path.parent
         new_dir = not directory.is_dir()
         directory.mkdir(parents=True, exist_ok=True)
-        tmp = directory / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
+        # host and pid in the name: the next open removes it once this writer is gone (see _TEMP_RE)
+        tmp = directory / f".{path.name}.{_HOST}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         try:
             with os.fdopen(fd, "wb") as f:
@@ -430,25 +635,21 @@ class DiskStore:
         """``(key, text)`` of entries by ``fingerprint`` that recorded their text (headers only)."""
         for path in self._iter_paths():
             try:
-                metadata = self._read_header(path)
+                metadata = _read_entry(path, whole=False)[0]
+                _fields(metadata)
             except Exception:
                 continue  # damaged entries are reported by get/verify, not here
-            if metadata.get("fingerprint") == fingerprint and metadata.get("has_text") == "1":
+            if metadata["fingerprint"] == fingerprint and metadata.get("has_text") == "1":
                 yield path.name[: -len(SUFFIX)], metadata.get("text", "")
 
     def delete(self, key: str) -> bool:
-        try:
-            self.path_for(key).unlink()
-            return True
-        except FileNotFoundError:
-            return False
+        """Remove the entry of ``key`` if the store wrote it; True if a file was removed."""
+        return self._remove(self.path_for(key))
 
     def clear(self) -> None:
+        """Remove every entry the store wrote (anything else in its folders is left alone)."""
         for path in list(self._iter_paths()):
-            try:
-                path.unlink()
-            except FileNotFoundError:
-                pass
+            self._remove(path)
         with self._lock:
             self._approx_bytes = None
 
@@ -457,19 +658,20 @@ class DiskStore:
         """Header summary of each readable entry (unreadable ones are skipped; see :meth:`verify`)."""
         for path in self._iter_paths():
             try:
-                st = path.stat()
-                m = self._read_header(path)
+                st = os.lstat(path)
+                m = _read_entry(path, whole=False)[0]
+                f = _fields(m)
             except Exception:
                 continue
             yield EntryInfo(
                 key=path.name[: -len(SUFFIX)],
                 path=path,
-                fingerprint=m.get("fingerprint", ""),
-                num_tokens=int(m.get("num_tokens", 0) or 0),
-                kv_bits=int(m.get("kv_bits", 16) or 16),
-                dtype=m.get("dtype", ""),
+                fingerprint=f["fingerprint"],
+                num_tokens=f["num_tokens"],
+                kv_bits=f["kv_bits"],
+                dtype=f["dtype"],
                 nbytes=st.st_size,
-                created=float(m.get("created", 0) or 0),
+                created=f["created"],
                 last_used=st.st_mtime,
                 encoding_version=m.get("encoding_version", ""),
                 has_text=m.get("has_text") == "1",
@@ -477,38 +679,56 @@ class DiskStore:
 
     def verify(self, *, remove: bool = False) -> List[Tuple[str, str]]:
         """Fully check every entry (parse + checksum + tensor shapes). Returns ``(key, reason)``
-        for each bad one; with ``remove=True`` also deletes them so they get recomputed."""
+        for each bad one (a directory, FIFO or symlink in an entry's place included); with
+        ``remove=True`` also deletes those the store wrote, so they get recomputed."""
         bad = []
         for path in list(self._iter_paths()):
             key = path.name[: -len(SUFFIX)]
             try:
-                st = path.stat()
-                data = _read_file(path)
+                st = os.lstat(path)
+                self._to_chunk(*self._deserialize(*_read_entry(path, whole=True)))
             except FileNotFoundError:
                 continue
-            try:
-                metadata, tensors = self._deserialize(data)
-                self._to_chunk(metadata, tensors)
+            except MemoryError:
+                raise
             except Exception as exc:
                 reason = f"{type(exc).__name__}: {exc}"
+                if remove and not self._mark_corrupt(key, path, reason, st, unreadable_ok=True):
+                    reason += " (left in place: not a file this store wrote)"
                 bad.append((key, reason))
-                if remove:
-                    self._mark_corrupt(key, path, reason, st)
         return bad
 
-    def stale_temp_files(self, older_than_s: float = 3600.0) -> List[Path]:
-        """Temp files left by killed writers (harmless; never read as entries)."""
-        out = []
-        if not self.root.is_dir():
-            return out
-        cutoff = time.time() - older_than_s
-        for p in self.root.glob("*/.*.tmp"):
+    def stale_temp_files(self, older_than_s: float = STALE_TEMP_AGE_S) -> List[Path]:
+        """Temp files of atomic writes whose writer is gone: on this host with a dead pid, or
+        untouched for ``older_than_s``. Another live writer's temp file is never listed."""
+        out, now = [], time.time()
+        for shard in self._shards():
             try:
-                if p.stat().st_mtime < cutoff:
-                    out.append(p)
-            except FileNotFoundError:
-                pass
+                names = [n for n in os.listdir(shard) if n.endswith(".tmp")]
+            except OSError:
+                continue
+            for name in names:
+                m = _TEMP_RE.fullmatch(name)
+                try:
+                    st = os.lstat(shard / name)
+                except OSError:
+                    continue
+                if m is None or not stat.S_ISREG(st.st_mode):
+                    continue
+                if now - st.st_mtime > older_than_s or (m["host"] == _HOST and not _pid_alive(int(m["pid"]))):
+                    out.append(shard / name)
         return out
+
+    def remove_stale_temp_files(self) -> int:
+        """Delete :meth:`stale_temp_files` (done on open); returns how many were removed."""
+        removed = 0
+        for tmp in self.stale_temp_files():
+            try:
+                tmp.unlink()
+                removed += 1
+            except OSError:
+                pass  # gone already, or a read-only store: harmless either way
+        return removed
 
     def stats(self) -> Dict[str, int]:
         return {
@@ -529,24 +749,20 @@ class DiskStore:
         files = []
         for p in self._iter_paths():
             try:
-                st = p.stat()
+                st = os.lstat(p)
             except FileNotFoundError:
                 continue
-            files.append((st.st_mtime, st.st_size, p))
-        total = sum(size for _, size, _ in files)
+            if stat.S_ISREG(st.st_mode):
+                files.append((st.st_mtime, st.st_size, p, st))
+        total = sum(f[1] for f in files)
         files.sort(key=lambda f: f[0])
-        for _, size, p in files:
+        for _, size, p, st in files:
             if total <= self.max_bytes:
                 break
-            if p == keep:
-                continue
-            try:
-                p.unlink()
+            if p != keep and self._remove(p, expect=st):  # only files the store wrote
                 total -= size
                 with self._lock:
                     self.evictions += 1
-            except FileNotFoundError:
-                total -= size
         with self._lock:
             self._approx_bytes = total
 

@@ -17,6 +17,7 @@ import torch
 from transformers import DynamicCache
 
 from .chunk import KVChunk
+from .hf_compat import cache_kwargs, output_cache
 
 
 class ChunkEncoder:
@@ -37,7 +38,7 @@ class ChunkEncoder:
         if self._preamble_kv is None:
             ids = torch.tensor([self.preamble_ids], device=self.device)
             out = self.model(input_ids=ids, use_cache=True, logits_to_keep=1)
-            self._preamble_kv = [(layer.keys, layer.values) for layer in out.past_key_values.layers]
+            self._preamble_kv = [(layer.keys, layer.values) for layer in output_cache(out).layers]
         return self._preamble_kv
 
     @torch.inference_mode()
@@ -58,9 +59,9 @@ class ChunkEncoder:
             for layer_idx, (k, v) in enumerate(self._preamble()):
                 cache.update(k.expand(batch, -1, -1, -1), v.expand(batch, -1, -1, -1), layer_idx)
         position_ids = torch.arange(start, start + width, device=self.device).unsqueeze(0).expand(batch, -1)
-        out = self.model(input_ids=input_ids, position_ids=position_ids, past_key_values=cache,
+        out = self.model(input_ids=input_ids, position_ids=position_ids, **cache_kwargs(cache),
                          use_cache=True, logits_to_keep=1)
-        layers = out.past_key_values.layers
+        layers = output_cache(out).layers
         keys = torch.stack([layer.keys[:, :, start:] for layer in layers], dim=1)  # [B, L, H, W, D]
         values = torch.stack([layer.values[:, :, start:] for layer in layers], dim=1)
         chunks = []

@@ -27,18 +27,23 @@ from .chat import render_chat, template_preamble
 from .chunk import KVChunk
 from .config import STRATEGIES, EngineConfig
 from .encode import ChunkEncoder
-from .errors import ContextWindowError, EmptyInputError, InvalidConfigError
+from . import validate
+from .errors import ContextWindowError, EmptyInputError, InvalidConfigError, InvalidInputError
+from .hf_compat import cache_kwargs
 from .generate import GenerationResult, SamplingParams, decode, eos_token_ids, now
+from .structured import parse_constrained
 from .indexing import index_documents
 from .keys import ENCODING_VERSION, chunk_key
 from .model import check_architecture, load_model_and_tokenizer, model_fingerprint
-from .prefill import Prefill, PrefillStats, as_cache, blended_prefill, full_prefill
+from .prefill import Prefill, PrefillStats, as_cache, blended_prefill, check_stop, full_prefill
 from .rope import RopeRotator
 from .segments import (DocumentDetector, Prompt, Segment, TokenizedPrompt, normalize_segments, tokenize_segments,
                        tokenize_text)
 from .sources import iter_documents
 from .store import KVStore, MemoryStore
+from .store_watch import StoreWatch
 from .streaming import TokenStream
+from .write_behind import WriteBehind
 
 __all__ = ["KVBoostEngine", "EngineConfig", "Prefill", "PrefillStats", "STRATEGIES", "LazyEngineMixin"]
 
@@ -86,6 +91,8 @@ class KVBoostEngine:
         self.encoder = ChunkEncoder(model, self.preamble_ids, self.fingerprint, ENCODING_VERSION)
         self.detector = DocumentDetector()
         self._lock = threading.RLock()
+        self._store_watch = StoreWatch(self.store)  # before the scan: later writes count as changes
+        self.write_behind = WriteBehind(self)  # stores missing documents after answers (config.write_behind)
         self._load_detector_from_store()
 
     # ------------------------------------------------------------------ construction
@@ -121,6 +128,7 @@ class KVBoostEngine:
     # ------------------------------------------------------------------ index time
     def tokenize_document(self, text: str) -> list[int]:
         """The ids a document is encoded with and reused with (tokenized alone, no specials)."""
+        validate.text("a document", text)
         if not text or not text.strip():
             raise EmptyInputError("A document is empty; there is nothing to encode.")
         return list(self._tokenize_document(text))
@@ -159,7 +167,10 @@ class KVBoostEngine:
     def warm(self, texts: Iterable[str], *, batch_size: int = 8, progress: bool = False):
         """Encode every document the store lacks, store it, and register it for detection; returns
         a :class:`~kvboost_rag.indexing.WarmReport`. (:func:`kvboost_rag.warm.warm_corpus` also
-        takes files, framework document types, ``render`` and the Ray backend.)"""
+        takes files, framework document types, ``render`` and the Ray backend.) A single str is an
+        :class:`~kvboost_rag.errors.InvalidInputError` (wrap it: ``engine.warm([text])``)."""
+        validate.texts_collection("engine.warm", texts, "engine.warm([text])")
+        batch_size = validate.integer("batch_size", batch_size, minimum=1)
         return index_documents(self, list(iter_documents(list(texts))), batch_size=batch_size, progress=progress)
 
     # ------------------------------------------------------------------ prompts
@@ -173,17 +184,20 @@ class KVBoostEngine:
     def count_tokens(self, prompt: Prompt) -> int:
         return len(self.tokenize(prompt))
 
-    def chat_segments(self, messages: Sequence[dict], add_generation_prompt: bool = True) -> list[Segment]:
+    def chat_segments(self, messages: Sequence[dict], add_generation_prompt: bool = True,
+                      tools: Optional[Sequence] = None) -> list[Segment]:
         """Render chat messages with the tokenizer's chat template, keeping documents as segments
-        (see :func:`kvboost_rag.chat.render_chat`)."""
-        return render_chat(self.tokenizer, messages, add_generation_prompt)
+        (see :func:`kvboost_rag.chat.render_chat`; ``tools``: :mod:`kvboost_rag.tools`)."""
+        return render_chat(self.tokenizer, messages, add_generation_prompt, tools=tools)
 
     # ------------------------------------------------------------------ query time
     def _resolve(self, strategy: Optional[str], recompute_ratio: Optional[float]) -> tuple[str, BlendConfig]:
         strategy = strategy or self.config.strategy
-        if strategy not in STRATEGIES:
+        if not isinstance(strategy, str) or strategy not in STRATEGIES:
             raise InvalidConfigError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
         config = self.config.blend
+        if recompute_ratio is not None:  # checked whatever the strategy: True / NaN / 1.5 are never ratios
+            recompute_ratio = validate.ratio("recompute_ratio", recompute_ratio)
         if strategy == "reuse":
             return strategy, dataclasses.replace(config, recompute_ratio=0.0, sink_tokens=0)
         if recompute_ratio is not None:
@@ -198,26 +212,36 @@ class KVBoostEngine:
 
     @torch.inference_mode()
     def prefill(self, prompt: Prompt, strategy: Optional[str] = None, recompute_ratio: Optional[float] = None,
-                max_new_tokens: int = 0) -> Prefill:
-        """Produce the prompt's KV cache and first-token logits; TTFT is measured here."""
+                max_new_tokens: int = 0, should_stop: Optional[Callable[[], bool]] = None) -> Prefill:
+        """Produce the prompt's KV cache and first-token logits; TTFT is measured here.
+
+        ``should_stop`` (a callable) is checked between steps and before every decoder layer; when
+        it returns True, :class:`~kvboost_rag.errors.GenerationCancelled` is raised (how a stream's
+        ``timeout`` bounds the prefill)."""
+        max_new_tokens = validate.integer("max_new_tokens", max_new_tokens, minimum=0)
         strategy, config = self._resolve(strategy, recompute_ratio)
         with self._lock:
             t0 = now(self.device)
             tokenized = self.tokenize(prompt)
+            if not tokenized.documents and strategy != "full" and self._store_watch.changed():
+                self._load_detector_from_store()  # another process warmed the store: see its documents
+                tokenized = self.tokenize(prompt)
             n = len(tokenized)
             self._check_window(n, max_new_tokens)
             input_ids = torch.tensor(tokenized.input_ids, device=self.device)
             found = (fetch_documents(self.store, tokenized, self.chunk_key, self.fingerprint)
                      if strategy != "full" else [])
+            check_stop(should_stop, "after fetching the stored documents")
             stats = PrefillStats(prompt_tokens=n, strategy=strategy, documents=len(tokenized.documents),
                                  documents_reused=len(found),
                                  recompute_ratio={"full": 1.0, "reuse": 0.0}.get(strategy, config.recompute_ratio))
             if not found:
-                logits, cache = full_prefill(self.model, input_ids)
+                logits, cache = full_prefill(self.model, input_ids, adapter=self.adapter, should_stop=should_stop)
                 stats.fresh_tokens = n
             else:
                 prefix = self.prefix_cache.fetch(tokenized) if self.prefix_cache is not None else None
-                result = blended_prefill(self.model, self.adapter, input_ids, found, prefix, self.rotator, config)
+                result = blended_prefill(self.model, self.adapter, input_ids, found, prefix, self.rotator, config,
+                                         should_stop=should_stop)
                 logits, cache = result.logits, as_cache(result.keys, result.values, self.model.config)
                 stats.recomputed_tokens, stats.fresh_tokens = result.recomputed_tokens, result.fresh_tokens
                 stats.reused_tokens = n - result.fresh_tokens - result.recomputed_tokens
@@ -227,16 +251,19 @@ class KVBoostEngine:
                 self.prefix_cache.remember(tokenized, result.keys, result.values)  # after TTFT: off this answer's clock
         return Prefill(tokenized.input_ids, cache, logits, ttft, stats)
 
-    def _run(self, prompt: Prompt, params: SamplingParams, strategy, recompute_ratio) -> Iterator[tuple[str, Optional[GenerationResult]]]:
+    def _run(self, prompt: Prompt, params: SamplingParams, strategy, recompute_ratio,
+             should_stop: Optional[Callable[[], bool]] = None) -> Iterator[tuple[str, Optional[GenerationResult]]]:
         t0 = time.perf_counter()
-        pre = self.prefill(prompt, strategy, recompute_ratio, max_new_tokens=params.max_new_tokens)
+        pre = self.prefill(prompt, strategy, recompute_ratio, max_new_tokens=params.max_new_tokens,
+                           should_stop=should_stop)
         ids: list[int] = []
         text_parts: list[str] = []
         finish = "length"
         # The lock is held per model call, never across a yield: a consumer may stop reading
         # (or drop the stream in another thread) at any time.
         for token, delta, reason in decode(self.model, self.tokenizer, pre.cache, pre.logits, len(pre.input_ids),
-                                           params, self.eos_ids, step_lock=self._lock):
+                                           params, self.eos_ids, step_lock=self._lock, should_stop=should_stop,
+                                           prompt_ids=pre.input_ids):
             if reason != "eos":
                 ids.append(token)
             if delta:
@@ -245,24 +272,84 @@ class KVBoostEngine:
             if reason is not None:
                 finish = reason
         total = time.perf_counter() - t0
-        decode_s = max(total - pre.ttft_s, 1e-9)
+        yield "", self._result(pre, params, ids, "".join(text_parts), finish, ttft=pre.ttft_s, total=total)
+
+    def _result(self, pre: Prefill, params: SamplingParams, ids: list[int], text: str, finish: str, *,
+                ttft: float, total: float) -> GenerationResult:
+        """The :class:`GenerationResult` of a finished answer (here and in :mod:`.scheduler`)."""
+        decode_s = max(total - ttft, 1e-9)
         s = pre.stats
-        yield "", GenerationResult(
-            text="".join(text_parts), token_ids=ids, finish_reason=finish, prompt_tokens=s.prompt_tokens,
+        extra = {"documents": s.documents, "documents_reused": s.documents_reused}
+        if params.constraint is not None:
+            extra["json"] = parse_constrained(text, params.constraint)
+        return GenerationResult(
+            text=text, token_ids=ids, finish_reason=finish, prompt_tokens=s.prompt_tokens,
             reused_tokens=s.reused_tokens, recomputed_tokens=s.recomputed_tokens, fresh_tokens=s.fresh_tokens,
-            completion_tokens=len(ids), ttft_s=pre.ttft_s, total_s=total,
+            completion_tokens=len(ids), ttft_s=ttft, total_s=total,
             tokens_per_s=len(ids) / decode_s if ids else 0.0, strategy=s.strategy,
             recompute_ratio=s.recompute_ratio, prefix_cached_tokens=s.prefix_cached_tokens,
-            extra={"documents": s.documents, "documents_reused": s.documents_reused})
+            extra=extra)
+
+    @property
+    def scheduler(self):
+        """The batch scheduler (:mod:`kvboost_rag.scheduler`), created on first use."""
+        sched = self.__dict__.get("_scheduler")
+        if sched is None:
+            from .scheduler import Scheduler
+            with self._lock:
+                sched = self.__dict__.get("_scheduler")
+                if sched is None:
+                    sched = self._scheduler = Scheduler(self)
+        return sched
+
+    def _events(self, prompt: Prompt, params: SamplingParams, strategy, recompute_ratio, should_stop=None):
+        """A request's events: through the batch scheduler (``config.batching``) or in this thread."""
+        if self.config.batching:
+            return self.scheduler.run(prompt, params, strategy, recompute_ratio, should_stop=should_stop)
+        return self._run(prompt, params, strategy, recompute_ratio, should_stop=should_stop)
+
+    def generate_batch(self, prompts: Sequence[Prompt], **kwargs) -> list[GenerationResult]:
+        """Answer several prompts at once (same keyword arguments as :meth:`generate`, except
+        ``on_token``); results in the order of ``prompts``. With ``config.batching`` they decode
+        together (one forward per step for all of them); otherwise one after another."""
+        if isinstance(prompts, (str, bytes)) or not isinstance(prompts, Sequence):
+            raise InvalidInputError("generate_batch takes a list of prompts (wrap a single one: [prompt])")
+        if "on_token" in kwargs:
+            raise InvalidInputError("generate_batch does not take on_token; use stream() per prompt")
+        streams = [self.stream(p, **kwargs) for p in prompts]  # every argument checked before anything runs
+        if not self.config.batching or len(streams) <= 1:
+            return [self._drain(s) for s in streams]
+        from concurrent.futures import ThreadPoolExecutor
+        with ThreadPoolExecutor(max_workers=min(len(streams), self.config.max_batch),
+                                thread_name_prefix="kvboost-batch") as pool:
+            return list(pool.map(self._drain, streams))
+
+    @staticmethod
+    def _drain(stream: TokenStream) -> GenerationResult:
+        for _ in stream:
+            pass
+        return stream.result
 
     def generate(self, prompt: Prompt, *, max_new_tokens: int = 128, temperature: float = 0.0, top_p: float = 1.0,
                  top_k: int = 0, seed: Optional[int] = None, stop: Optional[Sequence[str]] = None,
                  strategy: Optional[str] = None, recompute_ratio: Optional[float] = None,
-                 on_token: Optional[Callable[[str], None]] = None) -> GenerationResult:
-        """Answer a prompt (flat string with warmed documents inside, or explicit segments)."""
+                 on_token: Optional[Callable[[str], None]] = None, timeout: Optional[float] = None,
+                 repetition_penalty: float = 1.0, frequency_penalty: float = 0.0, presence_penalty: float = 0.0,
+                 no_repeat_ngram_size: int = 0, constraint=None) -> GenerationResult:
+        """Answer a prompt (flat string with warmed documents inside, or explicit segments).
+
+        ``stop``: one stop string, or a list of them. ``timeout`` (seconds) bounds the whole call,
+        prefill included (:class:`TimeoutError`). Penalties: see :class:`SamplingParams`.
+        ``constraint`` (:func:`~kvboost_rag.structured.json_schema_constraint`,
+        :func:`~kvboost_rag.structured.json_object_constraint`, or a JSON-schema dict): the answer is
+        JSON that parses and matches it, parsed in ``result.extra["json"]``. Bad values raise a
+        :class:`~kvboost_rag.errors.KVBoostError` subclass (see :mod:`kvboost_rag.validate`)."""
         stream = self.stream(prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                              top_k=top_k, seed=seed, stop=stop, strategy=strategy,
-                             recompute_ratio=recompute_ratio, on_token=on_token)
+                             recompute_ratio=recompute_ratio, on_token=on_token, timeout=timeout,
+                             repetition_penalty=repetition_penalty, frequency_penalty=frequency_penalty,
+                             presence_penalty=presence_penalty, no_repeat_ngram_size=no_repeat_ngram_size,
+                             constraint=constraint)
         for _ in stream:
             pass
         return stream.result
@@ -271,15 +358,34 @@ class KVBoostEngine:
         """Like :meth:`generate`, but yields text deltas as they come; ``.result`` at the end.
 
         Nothing runs until the stream is iterated (``for`` in this thread, ``async for`` in a
-        worker thread). ``timeout`` bounds the whole generation; ``cancel()`` stops it."""
+        worker thread). ``timeout`` bounds the whole generation, prefill included (checked before
+        every decoder layer); ``cancel()`` stops it. Arguments are checked here, before anything runs."""
         on_token = kwargs.pop("on_token", None)
         params = SamplingParams(kwargs.pop("max_new_tokens", 128), kwargs.pop("temperature", 0.0),
                                 kwargs.pop("top_p", 1.0), kwargs.pop("top_k", 0), kwargs.pop("seed", None),
-                                tuple(kwargs.pop("stop", None) or ()))
+                                kwargs.pop("stop", None), kwargs.pop("repetition_penalty", 1.0),
+                                kwargs.pop("frequency_penalty", 0.0), kwargs.pop("presence_penalty", 0.0),
+                                kwargs.pop("no_repeat_ngram_size", 0), kwargs.pop("constraint", None))
         strategy, ratio = kwargs.pop("strategy", None), kwargs.pop("recompute_ratio", None)
         if kwargs:
-            raise TypeError(f"unexpected arguments: {sorted(kwargs)}")
-        return TokenStream(lambda: self._run(prompt, params, strategy, ratio), timeout=timeout, on_token=on_token)
+            raise InvalidInputError(f"unexpected arguments: {sorted(kwargs)}; accepted: max_new_tokens, temperature, "
+                                    "top_p, top_k, seed, stop, repetition_penalty, frequency_penalty, "
+                                    "presence_penalty, no_repeat_ngram_size, constraint, strategy, "
+                                    "recompute_ratio, on_token, timeout")
+        validate.prompt_type(prompt)
+        timeout = validate.timeout(timeout)
+        if on_token is not None and not callable(on_token):
+            raise InvalidInputError(f"on_token must be a callable taking each text delta, got {type(on_token).__name__}")
+        self._resolve(strategy, ratio)  # strategy and ratio errors now, not at the first next()
+        stream = TokenStream(lambda: self.write_behind.track(  # stores missing documents after the answer
+            prompt, self._events(prompt, params, strategy, ratio, should_stop=stream.should_stop)),
+                             timeout=timeout, on_token=on_token)
+        return stream
+
+    def flush_write_behind(self, timeout: Optional[float] = None) -> bool:
+        """Wait until documents queued by write-behind are stored (False on timeout); call it
+        before a batch job exits. Counters: ``engine.write_behind.stats()``."""
+        return self.write_behind.flush(timeout)
 
     _shared: dict = {}
     _shared_lock = threading.Lock()
@@ -307,7 +413,7 @@ class KVBoostEngine:
             ids = torch.tensor([list(answer_ids[:-1])], device=self.device)
             pos = torch.arange(n, n + ids.shape[1], device=self.device).unsqueeze(0)
             with self._lock:
-                out = self.model(input_ids=ids, position_ids=pos, past_key_values=prefill.cache, use_cache=True)
+                out = self.model(input_ids=ids, position_ids=pos, **cache_kwargs(prefill.cache), use_cache=True)
             rows.append(out.logits[0].float())
         return torch.cat(rows, dim=0)
 

@@ -26,6 +26,18 @@ class InvalidConfigError(KVBoostError, ValueError):
     """A parameter is out of range (e.g. recompute_ratio outside [0, 1])."""
 
 
+class InvalidInputError(KVBoostError, ValueError, TypeError):
+    """An input has the wrong type or form: a prompt that is neither text nor segments, a single
+    str where a list of texts is expected, invalid Unicode, a malformed chat message, a file that
+    is not text or a folder that is not a model. Also a TypeError, as a wrong type is one."""
+
+
+class GenerationCancelled(KVBoostError):
+    """A ``should_stop`` callable asked a prefill or decode to stop (checked between steps and
+    before every decoder layer). :class:`~kvboost_rag.streaming.TokenStream` turns it into its
+    :class:`TimeoutError` when its deadline passed, or a quiet end after ``cancel()``."""
+
+
 class StoreError(KVBoostError):
     """A KV store entry is unusable (corrupt, truncated, or written for another model)."""
 
@@ -48,3 +60,17 @@ class PackagedModelNotInstalledError(PackagedModelError, FileNotFoundError):
 
 class PackagedModelCorruptError(PackagedModelError):
     """The installed parts do not assemble into the pinned file (size or sha256 differ)."""
+
+
+class StructuredOutputError(KVBoostError):
+    """Constrained decoding could not produce a complete value: ``max_new_tokens`` ran out before
+    the JSON was complete, the grammar library is missing, or it cannot read the tokenizer."""
+
+
+class ToolsNotSupportedError(KVBoostError):
+    """Tools were passed but the model's chat template has no tool support (it would ignore them)."""
+
+
+class SchedulerFullError(KVBoostError):
+    """Too many requests are waiting for the engine's batch scheduler (``EngineConfig.max_waiting``);
+    retry later or raise the limit."""

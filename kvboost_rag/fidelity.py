@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from typing import Optional, Sequence
 
+from .hf_compat import cache_kwargs
+
 
 def kl_top1(ref_logits, logits) -> tuple[float, float]:
     """Teacher-forced fidelity of ``logits`` against reference ``ref_logits`` (both ``[T, V]``).
@@ -51,7 +53,7 @@ def greedy_reference(engine, prompt, n_tokens: int):
             position = len(pre.input_ids) + len(answer) - 1
             out = engine.model(input_ids=torch.tensor([[token]], device=engine.device),
                                position_ids=torch.tensor([[position]], device=engine.device),
-                               past_key_values=pre.cache, use_cache=True)
+                               **cache_kwargs(pre.cache), use_cache=True)
             rows.append(out.logits[0, -1].float())
     return answer, torch.stack(rows)
 

@@ -13,12 +13,21 @@ from typing import Iterator, Optional, Sequence
 import torch
 
 from .decode_cache import with_room
-from .errors import InvalidConfigError
+from . import validate
+from .errors import GenerationCancelled, InvalidConfigError, StructuredOutputError
+from .hf_compat import cache_kwargs
+from .penalties import Penalties
+from .structured import Constraint, as_constraint
 
 
 @dataclass(frozen=True)
 class SamplingParams:
-    """Greedy when ``temperature == 0``; otherwise temperature / top-k / top-p sampling."""
+    """Greedy when ``temperature == 0``; otherwise temperature / top-k / top-p sampling.
+
+    Repetition controls (:mod:`~kvboost_rag.penalties`): ``repetition_penalty`` (> 0, 1.0 = off),
+    ``frequency_penalty`` / ``presence_penalty`` (within [-2, 2], 0 = off), ``no_repeat_ngram_size``
+    (0 = off). ``constraint`` (:mod:`~kvboost_rag.structured`): the output must be JSON matching
+    it; it cannot be combined with ``stop`` (the grammar decides where the output ends)."""
 
     max_new_tokens: int = 128
     temperature: float = 0.0
@@ -26,16 +35,34 @@ class SamplingParams:
     top_k: int = 0
     seed: Optional[int] = None
     stop: tuple[str, ...] = ()
+    repetition_penalty: float = 1.0
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+    no_repeat_ngram_size: int = 0
+    constraint: Optional[Constraint] = None
 
     def __post_init__(self) -> None:
-        if self.max_new_tokens < 1:
-            raise InvalidConfigError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
-        if self.temperature < 0:
-            raise InvalidConfigError(f"temperature must be >= 0, got {self.temperature}")
-        if not 0 < self.top_p <= 1:
-            raise InvalidConfigError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.top_k < 0:
-            raise InvalidConfigError(f"top_k must be >= 0, got {self.top_k}")
+        # Checked and normalized here (validate.py): 3.0 -> 3, stop="abc" -> ("abc",); bools, NaN,
+        # infinities and non-integral counts are refused with an InvalidConfigError.
+        checked = {
+            "max_new_tokens": validate.integer("max_new_tokens", self.max_new_tokens, minimum=1),
+            "temperature": validate.real("temperature", self.temperature, minimum=0.0),
+            "top_p": validate.real("top_p", self.top_p, minimum=0.0, maximum=1.0, exclusive_minimum=True),
+            "top_k": validate.integer("top_k", self.top_k, minimum=0),
+            "seed": validate.seed(self.seed),
+            "stop": validate.stop_sequences(self.stop),
+            "repetition_penalty": validate.real("repetition_penalty", self.repetition_penalty, minimum=0.0,
+                                                exclusive_minimum=True),
+            "frequency_penalty": validate.real("frequency_penalty", self.frequency_penalty, minimum=-2.0, maximum=2.0),
+            "presence_penalty": validate.real("presence_penalty", self.presence_penalty, minimum=-2.0, maximum=2.0),
+            "no_repeat_ngram_size": validate.integer("no_repeat_ngram_size", self.no_repeat_ngram_size, minimum=0),
+            "constraint": as_constraint(self.constraint),
+        }
+        for name, value in checked.items():
+            object.__setattr__(self, name, value)
+        if self.constraint is not None and self.stop:
+            raise InvalidConfigError("stop sequences cannot be combined with a constraint: the grammar decides "
+                                     "where the output ends (a stop string could cut the JSON)")
 
 
 @dataclass
@@ -152,13 +179,21 @@ class TextAssembler:
 
 @torch.inference_mode()
 def decode(model, tokenizer, cache, first_logits: torch.Tensor, start_position: int, params: SamplingParams,
-           eos_ids: set[int], step_lock=None) -> Iterator[tuple[int, str, Optional[str]]]:
+           eos_ids: set[int], step_lock=None, should_stop=None,
+           prompt_ids: Sequence[int] = ()) -> Iterator[tuple[int, str, Optional[str]]]:
     """Yield ``(token_id, text_delta, finish_reason_or_None)`` for each generated token.
 
     ``cache`` holds the prompt's KV (a transformers DynamicCache); it grows as we decode, in
     place (:func:`~kvboost_rag.decode_cache.with_room`).
     The last tuple carries the finish reason and any held-back text. ``step_lock`` (if given)
-    is held around each model call only, never while the caller consumes a token.
+    is held around each model call only, never while the caller consumes a token. ``should_stop``
+    (if given) is checked before each model call; when true, :class:`GenerationCancelled` is raised.
+    ``prompt_ids`` feed the penalties that look at the prompt (repetition, n-grams).
+
+    Each step's logits (the first from the prefill) go through the penalties, then the
+    constraint's mask, then sampling / greedy. Under a constraint the output ends with finish
+    reason ``"stop"`` once the grammar is complete and only EOS could follow; running out of
+    ``max_new_tokens`` before that raises :class:`StructuredOutputError`.
     """
     lock = step_lock if step_lock is not None else contextlib.nullcontext()
     device = first_logits.device
@@ -168,26 +203,49 @@ def decode(model, tokenizer, cache, first_logits: torch.Tensor, start_position: 
     assembler = TextAssembler(tokenizer, params.stop)
     logits = first_logits
     position = start_position
+    vocab = first_logits.shape[-1]
+    state = params.constraint.start(tokenizer, vocab, eos_ids) if params.constraint is not None else None
+    penalties = Penalties(params, prompt_ids, vocab, device)
+    penalties = penalties if penalties.active else None
     for step in range(params.max_new_tokens):
-        token = sample_token(logits, params, generator)
+        scores = penalties.apply(logits) if penalties is not None else logits
+        if state is not None:
+            masked = state.mask(scores)
+            if penalties is not None and not bool(torch.isfinite(masked).any()):
+                masked = state.mask(logits)  # the penalties banned every token the grammar allows
+            scores = masked
+        token = sample_token(scores, params, generator)
         if token in eos_ids:
             yield token, assembler.flush(), "eos"
             return
+        if state is not None:
+            state.advance(token)
+        if penalties is not None:
+            penalties.update(token)
         delta = assembler.add(token)
         if assembler.stopped:
             yield token, delta + assembler.flush(), "stop"
             return
+        if state is not None and state.finished(eos_ids):
+            yield token, delta + assembler.flush(), "stop"
+            return
         if step == params.max_new_tokens - 1:
+            if state is not None and not state.complete:
+                raise StructuredOutputError(
+                    f"max_new_tokens={params.max_new_tokens} ran out before the output was complete "
+                    f"(expected {state.description}); raise max_new_tokens (or bound the schema: maxLength, maxItems)")
             yield token, delta + assembler.flush(), "length"
             return
         yield token, delta, None
         if step == 0:  # after the first token is out, so streaming users do not wait for the move
             cache = with_room(cache, params.max_new_tokens)  # in-place appends, not a copy per token
+        if should_stop is not None and should_stop():
+            raise GenerationCancelled(f"stopped after {step + 1} generated tokens")
         with lock, torch.inference_mode():
             out = model(
                 input_ids=torch.tensor([[token]], device=device),
                 position_ids=torch.tensor([[position]], device=device),
-                past_key_values=cache,
+                **cache_kwargs(cache),
                 use_cache=True,
             )
         logits = out.logits[0, -1]

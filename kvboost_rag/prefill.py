@@ -5,8 +5,10 @@ which runs, holds the lock and the clock (TTFT), and fills :class:`PrefillStats`
 """
 from __future__ import annotations
 
+import contextlib
+import threading
 from dataclasses import asdict, dataclass
-from typing import Optional, Sequence
+from typing import Callable, Iterator, Optional, Sequence
 
 import torch
 from transformers import DynamicCache
@@ -15,7 +17,11 @@ from .adapters import ModelAdapter
 from .assemble import Placed, assemble
 from .blend import BlendConfig, BlendResult, blend
 from .chunk import KVChunk
+from .errors import GenerationCancelled
+from .hf_compat import output_cache
 from .rope import RopeRotator
+
+ShouldStop = Optional[Callable[[], bool]]
 
 
 @dataclass
@@ -48,15 +54,59 @@ class Prefill:
     stats: PrefillStats
 
 
-def full_prefill(model, input_ids: torch.Tensor) -> tuple[torch.Tensor, DynamicCache]:
-    """The baseline: one forward over the whole prompt ([N] ids). Returns (logits [vocab], cache)."""
-    out = model(input_ids=input_ids.unsqueeze(0), use_cache=True, logits_to_keep=1)
-    return out.logits[0, -1].float(), out.past_key_values
+def check_stop(should_stop: ShouldStop, where: str) -> None:
+    """Raise :class:`GenerationCancelled` if ``should_stop()`` says so."""
+    if should_stop is not None and should_stop():
+        raise GenerationCancelled(f"stopped {where}")
+
+
+@contextlib.contextmanager
+def layer_checkpoints(model, adapter: ModelAdapter, should_stop: ShouldStop) -> Iterator[None]:
+    """Check ``should_stop`` before every decoder layer of this thread's forward passes.
+
+    A forward pre-hook on each layer's ``input_layernorm``, the first module a layer calls in a
+    full forward and in the blend's layer runner alike, raises :class:`GenerationCancelled` when
+    ``should_stop()`` is true. The hooks act only in the thread that installed them (other engines
+    sharing the model run untouched) and are removed on exit, exception or not."""
+    if should_stop is None:
+        yield
+        return
+    owner = threading.get_ident()
+    calls = [0]
+
+    def hook(module, args):
+        if threading.get_ident() == owner:
+            calls[0] += 1
+            if should_stop():
+                raise GenerationCancelled(f"stopped before decoder layer pass {calls[0]}")
+
+    handles = [layer.input_layernorm.register_forward_pre_hook(hook) for layer in adapter.layers(model)]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def full_prefill(model, input_ids: torch.Tensor, *, adapter: Optional[ModelAdapter] = None,
+                 should_stop: ShouldStop = None) -> tuple[torch.Tensor, DynamicCache]:
+    """The baseline: one forward over the whole prompt ([N] ids). Returns (logits [vocab], cache).
+    ``should_stop`` (with ``adapter``) is checked before every decoder layer."""
+    with layer_checkpoints(model, adapter, should_stop) if adapter is not None else contextlib.nullcontext():
+        out = model(input_ids=input_ids.unsqueeze(0), use_cache=True, logits_to_keep=1)
+    return out.logits[0, -1].float(), output_cache(out)
 
 
 def blended_prefill(model, adapter: ModelAdapter, input_ids: torch.Tensor, documents: Sequence[Placed],
-                    prefix: Optional[KVChunk], rotator: RopeRotator, config: BlendConfig) -> BlendResult:
-    """Assemble the stored documents (and a cached exact prefix) at their positions, then blend."""
+                    prefix: Optional[KVChunk], rotator: RopeRotator, config: BlendConfig, *,
+                    should_stop: ShouldStop = None) -> BlendResult:
+    """Assemble the stored documents (and a cached exact prefix) at their positions, then blend.
+    ``should_stop`` is checked after the assembly and before every decoder layer the blend runs."""
+    with layer_checkpoints(model, adapter, should_stop):
+        return _blended_prefill(model, adapter, input_ids, documents, prefix, rotator, config, should_stop)
+
+
+def _blended_prefill(model, adapter, input_ids, documents, prefix, rotator, config, should_stop) -> BlendResult:
     n = input_ids.shape[0]
     placed = list(documents) + ([(0, prefix)] if prefix is not None else [])
     dtype = model.get_input_embeddings().weight.dtype
@@ -65,6 +115,7 @@ def blended_prefill(model, adapter: ModelAdapter, input_ids: torch.Tensor, docum
     if prefix is not None:
         exact = torch.zeros(n, dtype=torch.bool, device=input_ids.device)
         exact[: prefix.num_tokens] = True
+    check_stop(should_stop, "after assembling the stored KV")
     return blend(model, adapter, input_ids, reused, keys, values, config,
                  documents=[(start, start + chunk.num_tokens) for start, chunk in documents], exact=exact)
 

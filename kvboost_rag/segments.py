@@ -17,9 +17,11 @@ import threading
 from dataclasses import dataclass
 from typing import Iterable, Literal, Sequence, Union
 
-from .errors import EmptyInputError
+from . import validate
+from .errors import EmptyInputError, InvalidInputError
 
 SegmentKind = Literal["text", "document"]
+SEGMENT_KINDS = ("text", "document")
 
 
 @dataclass(frozen=True)
@@ -28,6 +30,11 @@ class Segment:
 
     kind: SegmentKind
     text: str
+
+    def __post_init__(self) -> None:
+        if self.kind not in SEGMENT_KINDS:
+            raise InvalidInputError(f"Segment kind must be one of {SEGMENT_KINDS}, got {self.kind!r}")
+        validate.text(f"a {self.kind} segment's text", self.__dict__["text"])
 
     @classmethod
     def text_(cls, text: str) -> "Segment":
@@ -57,18 +64,21 @@ class _TextConstructor:
 Segment.text = _TextConstructor()  # type: ignore[assignment]
 
 
-Prompt = Union[str, Sequence[Union[Segment, str]]]
+Prompt = Union[str, Segment, Sequence[Union[Segment, str]]]
 
 
 def normalize_segments(prompt: Prompt, detector: "DocumentDetector | None" = None) -> list[Segment]:
-    """Turn a flat string (auto-detect documents) or a list of segments/strings into segments."""
+    """Turn a flat string (auto-detect documents), a Segment, or a list of segments/strings into
+    segments; anything else (bytes, dict, numbers...) is an :class:`InvalidInputError`."""
+    validate.prompt_type(prompt)
     if isinstance(prompt, str):
         if not prompt:
             raise EmptyInputError("The prompt is empty.")
+        validate.text("the prompt", prompt)
         return detector.split(prompt) if detector is not None else [Segment("text", prompt)]
     segments: list[Segment] = []
-    for part in prompt:
-        seg = part if isinstance(part, Segment) else Segment("text", str(part))
+    for part in ([prompt] if isinstance(prompt, Segment) else prompt):
+        seg = part if isinstance(part, Segment) else Segment("text", part)
         if seg.is_document and not seg.text.strip():
             raise EmptyInputError("A document segment is empty; drop it or give it text.")
         if not seg.text:

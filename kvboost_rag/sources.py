@@ -9,9 +9,13 @@ text. Defaults follow what stock chains insert:
   ``document_prompt`` ``"{page_content}"`` renders); use :func:`langchain_render` for another prompt;
 * LlamaIndex nodes / Documents (anything with ``.get_content``):
   ``node.get_content(metadata_mode=MetadataMode.LLM)``, what LlamaIndex's synthesizers insert;
-* a JSONL file of ``{"id": ..., "text": ...}`` lines (``render`` receives the whole record dict);
+* a JSONL file of ``{"id": ..., "text": ...}`` lines (``render`` receives the whole record dict),
+  decoded line by line: a line that is not UTF-8, not JSON, not an object, or whose ``"text"`` is
+  not a string (null, a number, a list...) is a failed document in the warm report, and the other
+  lines are warmed;
 * a folder: every ``*.txt`` / ``*.md`` file below it, read as UTF-8, id = relative path.
 
+Text that is not valid Unicode (a lone surrogate) is a failed document too, never warmed.
 Objects are duck-typed; no framework is imported at module level (only inside the LangChain /
 LlamaIndex helpers, when called).
 """
@@ -23,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, List, Optional
 
+from . import validate
 from .errors import KVBoostError
 
 Render = Callable[[Any], str]
@@ -100,7 +105,10 @@ def _default_text(obj: Any) -> str:
     if isinstance(obj, dict):
         if "text" not in obj:
             raise ValueError(f"record has no 'text' field (keys: {sorted(obj)})")
-        return str(obj["text"])
+        if not isinstance(obj["text"], str):
+            raise TypeError(f"'text' is {json.dumps(obj['text'])[:40] if _jsonable(obj['text']) else type(obj['text']).__name__} "
+                            f"({type(obj['text']).__name__}); it must be a string")
+        return obj["text"]
     if hasattr(obj, "page_content"):
         return page_content(obj)
     if hasattr(obj, "get_content"):
@@ -109,6 +117,14 @@ def _default_text(obj: Any) -> str:
         f"cannot get text from {type(obj).__name__}: expected str, a LangChain Document (.page_content), "
         "a LlamaIndex node (.get_content) or a {'text': ...} dict; or pass render="
     )
+
+
+def _jsonable(value: Any) -> bool:
+    try:
+        json.dumps(value)
+        return True
+    except (TypeError, ValueError):
+        return False
 
 
 def default_render(obj: Any) -> str:
@@ -135,17 +151,29 @@ def _rendered(obj: Any, doc_id: str, source: str, render: Render) -> CorpusDoc:
         return CorpusDoc(doc_id, "", source, f"render failed: {type(exc).__name__}: {exc}")
     if not isinstance(text, str):
         return CorpusDoc(doc_id, "", source, f"render returned {type(text).__name__}, not str")
+    try:
+        validate.text("the text", text)
+    except KVBoostError as exc:
+        return CorpusDoc(doc_id, "", source, str(exc))
     if not text.strip():
         return CorpusDoc(doc_id, "", source, "empty document")
     return CorpusDoc(doc_id, text, source)
 
 
 def _iter_jsonl(path: Path, render: Render) -> Iterator[CorpusDoc]:
-    with open(path, "r", encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
+    # Bytes, decoded line by line: an invalid UTF-8 line fails alone, the other lines are warmed.
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            source = f"{path}:{lineno}"
+            if lineno == 1 and raw.startswith(b"\xef\xbb\xbf"):  # UTF-8 byte order mark
+                raw = raw[3:]
+            try:
+                line = validate.utf8(f"line {lineno}", raw)
+            except KVBoostError as exc:
+                yield CorpusDoc(f"{path.name}:{lineno}", "", source, str(exc))
+                continue
             if not line.strip():
                 continue
-            source = f"{path}:{lineno}"
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as exc:

@@ -11,13 +11,19 @@ import threading
 import time
 from typing import Any, AsyncIterator, Callable, Iterator, Optional
 
+from .errors import GenerationCancelled
+
+_clock = time.monotonic  # the deadline's clock (a test may swap in a fake one)
+
 
 class TokenStream:
     """Text deltas of one generation, as they are produced.
 
     - iterate (or ``next()``) for deltas; ``result`` holds the ``GenerationResult`` once done;
     - ``cancel()`` from any thread stops decoding at the next token; ``close()`` / ``with``;
-    - ``timeout`` (seconds) raises :class:`TimeoutError` once exceeded;
+    - ``timeout`` (seconds) raises :class:`TimeoutError` once exceeded, during the prefill too:
+      the engine checks :meth:`should_stop` between steps, before every decoder layer and before
+      every token (see :func:`kvboost_rag.prefill.layer_checkpoints`);
     - ``async for delta in stream`` decodes in a worker thread (see :func:`aiter_in_thread`).
     """
 
@@ -29,9 +35,21 @@ class TokenStream:
         self.result = None
         self._cancelled = threading.Event()
         self._iterator: Optional[Iterator[str]] = None
+        self._deadline: Optional[float] = None
+
+    def _expired(self) -> bool:
+        return self._deadline is not None and _clock() > self._deadline
+
+    def should_stop(self) -> bool:
+        """True once cancelled or past the deadline: the engine polls it inside the prefill and
+        the decode loop and raises :class:`~kvboost_rag.errors.GenerationCancelled`."""
+        return self._cancelled.is_set() or self._expired()
+
+    def _timeout_error(self) -> TimeoutError:
+        return TimeoutError(f"generation took longer than timeout={self.timeout}s")
 
     def _iterate(self) -> Iterator[str]:
-        deadline = time.monotonic() + self.timeout if self.timeout else None
+        self._deadline = _clock() + self.timeout if self.timeout else None
         events = self._run()
         try:
             for delta, result in events:
@@ -43,8 +61,12 @@ class TokenStream:
                     yield delta
                 if self._cancelled.is_set():
                     return
-                if deadline is not None and time.monotonic() > deadline:
-                    raise TimeoutError(f"generation took longer than timeout={self.timeout}s")
+                if self._expired():
+                    raise self._timeout_error()
+        except GenerationCancelled:  # the engine saw should_stop() inside the prefill or decode
+            if self._expired():
+                raise self._timeout_error() from None
+            return  # cancel(): a quiet end
         finally:
             events.close()
 

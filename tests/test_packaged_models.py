@@ -216,6 +216,8 @@ def test_none_resolves_to_the_default_packaged_model(tmp_path, monkeypatch, no_c
 def test_other_sources_pass_through(tmp_path, no_convert):
     assert model_module.resolve_model_source("HuggingFaceTB/SmolLM2-135M-Instruct") == \
         "HuggingFaceTB/SmolLM2-135M-Instruct"
+    for name in ("config.json", "model.safetensors", "tokenizer.json"):  # a model folder's files
+        (tmp_path / name).write_text("{}")
     assert model_module.resolve_model_source(str(tmp_path)) == str(tmp_path)
     assert no_convert == []
     with pytest.raises(KeyError, match="qwen2.5-coder-0.5b"):

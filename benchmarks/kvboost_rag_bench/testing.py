@@ -1,8 +1,7 @@
 """Tiny random-weight models, in-memory tokenizers and a ChatML template for fast tests (no downloads).
 
-The one copy shared by the core tests, the benchmark tests and the integration tests (it replaces
-``tests/tiny.py``, ``tests/_bench_helpers.py``, the tiny builders of
-``tests/integrations/kvb_models.py`` and the word tokenizer of the former ``kvboost_rag.bench``).
+The one copy shared by the core tests, the benchmark tests and the integration distributions'
+tests (whose engines and fixtures are in :mod:`kvboost_rag_bench.integration_testing`).
 Everything is built in memory in about a second: the answers are gibberish, but the plumbing,
 positions, shapes and reuse counters are real.
 

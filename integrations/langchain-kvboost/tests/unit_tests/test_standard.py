@@ -1,0 +1,38 @@
+"""LangChain's standard unit suite for ChatKVBoost, on a tiny random-weight model built in code.
+
+Fast: checks construction, standard parameters and serialization hooks, not answer quality.
+The suite's ``api_key="test"`` is left out (a local model has none, and unknown constructor
+arguments are refused). Skipped features are declared through the suite's own flags: the model
+cannot switch models per call; tool calling / structured output follow the suite's defaults for a class without
+``bind_tools`` / ``with_structured_output`` overrides.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from langchain_tests.unit_tests import ChatModelUnitTests
+
+from langchain_kvboost import ChatKVBoost
+from kvboost_rag_bench.integration_testing import shared_tiny_engine
+
+
+class TestChatKVBoostUnit(ChatModelUnitTests):
+    @property
+    def chat_model_class(self) -> type[ChatKVBoost]:
+        return ChatKVBoost
+
+    @property
+    def chat_model_params(self) -> dict[str, Any]:
+        return {"engine": shared_tiny_engine()}
+
+    @property
+    def standard_chat_model_params(self) -> dict[str, Any]:
+        # The unit suite adds api_key="test" for hosted providers. A local model has no API key,
+        # and unknown constructor arguments are an error here (extra="forbid"), not ignored.
+        params = super().standard_chat_model_params
+        params.pop("api_key", None)
+        return params
+
+    @property
+    def supports_model_override(self) -> bool:
+        return False  # one loaded model per engine

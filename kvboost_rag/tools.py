@@ -1,0 +1,318 @@
+"""Tool calling, framework-neutral: render tools through the chat template, parse the calls back.
+
+Why here and not in each integration: the format of a tool call is the model's (its chat
+template's), not the framework's. Qwen2.5 / Hermes templates list the tools in the system turn and
+expect ``<tool_call>{"name": ..., "arguments": {...}}</tool_call>``; Llama 3.x templates expect a
+bare JSON object ``{"name": ..., "parameters": {...}}``. Integrations convert their tool objects to
+JSON schemas, call :func:`generate_tool_calls` (or :func:`render_tools` + ``engine.generate`` +
+:func:`parse_tool_calls`), and convert :class:`ToolCall` back.
+
+Documents stay document segments: the tools are rendered by the template, the documents are still
+swapped for sentinels (:func:`kvboost_rag.chat.render_chat`), so their stored KV is reused.
+
+Forced calls (``tool_choice="any"`` / ``"required"`` / a tool name): the call is decoded under a
+JSON-schema constraint (:mod:`kvboost_rag.structured`) ``{"name": <one of the tools>,
+"arguments": <that tool's parameters schema>}``, so it always parses, even from a 135M model.
+"""
+from __future__ import annotations
+
+import json
+import re
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple, Optional, Sequence
+
+from .errors import InvalidInputError, ToolsNotSupportedError
+
+__all__ = ["ToolCall", "ParsedToolCalls", "ToolChatResult", "normalize_tool", "normalize_tools", "supports_tools",
+           "tool_call_style", "render_tools", "parse_tool_calls", "tool_call_schema", "tool_call_constraint",
+           "generate_tool_calls", "FORCED_CHOICES"]
+
+# tool_choice values that force a call of some tool ("required" is OpenAI's name, "any" Anthropic's / LangChain's).
+FORCED_CHOICES = ("any", "required")
+
+
+@dataclass
+class ToolCall:
+    """One call: the tool's name, its arguments (parsed) and an id for the tool result to cite."""
+
+    name: str
+    arguments: dict
+    id: str = field(default_factory=lambda: "call_" + uuid.uuid4().hex[:24])
+
+    def to_message_dict(self) -> dict:
+        """The form chat templates (Hugging Face) expect in an assistant message's ``tool_calls``."""
+        return {"id": self.id, "type": "function", "function": {"name": self.name, "arguments": self.arguments}}
+
+    def to_openai(self) -> dict:
+        """OpenAI wire form (arguments as a JSON string)."""
+        return {"id": self.id, "type": "function",
+                "function": {"name": self.name, "arguments": json.dumps(self.arguments, ensure_ascii=False)}}
+
+
+class ParsedToolCalls(NamedTuple):
+    """What :func:`parse_tool_calls` found: the calls, and the text that was not a call."""
+
+    tool_calls: list
+    content: str
+
+
+@dataclass
+class ToolChatResult:
+    """An assistant turn that may call tools: its text, its calls, and the generation's result."""
+
+    content: str
+    tool_calls: list
+    result: Any  # kvboost_rag.generate.GenerationResult
+
+
+# ------------------------------------------------------------------ tool definitions
+def normalize_tool(tool: Any) -> dict:
+    """A tool as ``{"type": "function", "function": {"name", "description", "parameters"}}`` (what
+    Hugging Face chat templates take). Accepts that form, the bare ``{"name", "parameters"}`` form,
+    or a Python function with a Google-style docstring (via transformers' ``get_json_schema``)."""
+    if callable(tool) and not isinstance(tool, dict):
+        from transformers.utils import get_json_schema
+        try:
+            tool = get_json_schema(tool)
+        except Exception as exc:
+            raise InvalidInputError(f"cannot describe {getattr(tool, '__name__', tool)!r} as a tool: {exc}") from None
+    if not isinstance(tool, dict):
+        raise InvalidInputError(f"a tool must be a JSON-schema dict or a function, got {type(tool).__name__}")
+    fn = tool.get("function") if tool.get("type") == "function" and isinstance(tool.get("function"), dict) else tool
+    name = fn.get("name")
+    if not isinstance(name, str) or not name:
+        raise InvalidInputError(f"a tool needs a 'name' (str); got {json.dumps(tool)[:120]}")
+    params = fn.get("parameters") or {"type": "object", "properties": {}}
+    if not isinstance(params, dict):
+        raise InvalidInputError(f"tool {name!r}: 'parameters' must be a JSON-schema dict")
+    out = {"name": name}
+    if fn.get("description"):
+        out["description"] = str(fn["description"])
+    out["parameters"] = params
+    return {"type": "function", "function": out}
+
+
+def normalize_tools(tools: Sequence[Any]) -> list[dict]:
+    if isinstance(tools, (dict, str)) or not isinstance(tools, Sequence):
+        raise InvalidInputError(f"tools must be a list of tool schemas, got {type(tools).__name__}")
+    out = [normalize_tool(t) for t in tools]
+    names = [t["function"]["name"] for t in out]
+    if len(set(names)) != len(names):
+        raise InvalidInputError(f"tool names must be unique, got {names}")
+    return out
+
+
+def _template_source(tokenizer) -> str:
+    tpl = getattr(tokenizer, "chat_template", None) or ""
+    return "\n".join(str(v) for v in tpl.values()) if isinstance(tpl, dict) else str(tpl)
+
+
+def supports_tools(tokenizer) -> bool:
+    """Whether the chat template renders tools at all (it mentions ``tools``)."""
+    return "tools" in _template_source(tokenizer)
+
+
+def model_label(tokenizer) -> str:
+    return getattr(tokenizer, "name_or_path", None) or type(tokenizer).__name__
+
+
+def check_tool_support(tokenizer) -> None:
+    if not supports_tools(tokenizer):
+        raise ToolsNotSupportedError(
+            f"model {model_label(tokenizer)}'s chat template has no tool support (it would drop the tools); "
+            "use a model whose template takes tools= (Qwen2.5, Llama 3.x...), or describe the tools in the prompt "
+            "and decode with a JSON-schema constraint")
+
+
+def tool_call_style(tokenizer) -> str:
+    """How the template's model writes a call: ``"hermes"`` (``<tool_call>`` tags: Qwen2.5, Hermes),
+    ``"llama3"`` (bare JSON with ``parameters``), else ``"json"`` (a bare JSON object)."""
+    src = _template_source(tokenizer)
+    if "<tool_call>" in src:
+        return "hermes"
+    if "<|python_tag|>" in src or "ipython" in src:
+        return "llama3"
+    return "json"
+
+
+# ------------------------------------------------------------------ messages
+def normalize_tool_calls(calls: Any) -> list[dict]:
+    """An assistant message's ``tool_calls`` as templates expect them: ``[{"id", "type": "function",
+    "function": {"name", "arguments": dict}}]``. Takes :class:`ToolCall`, that form (arguments may be
+    a JSON string, OpenAI style) or ``{"name", "args"|"arguments", "id"}`` (LangChain style)."""
+    out = []
+    for c in calls or ():
+        if isinstance(c, ToolCall):
+            out.append(c.to_message_dict())
+            continue
+        if not isinstance(c, dict):
+            raise InvalidInputError(f"a tool call must be a dict or a ToolCall, got {type(c).__name__}")
+        fn = c.get("function") if isinstance(c.get("function"), dict) else c
+        args = fn.get("arguments", fn.get("args", fn.get("parameters", {})))
+        if isinstance(args, str):
+            try:
+                args = json.loads(args) if args.strip() else {}
+            except ValueError:
+                raise InvalidInputError(f"tool call {fn.get('name')!r}: arguments are not JSON: {args[:80]!r}") from None
+        if not isinstance(fn.get("name"), str) or not isinstance(args, dict):
+            raise InvalidInputError(f"a tool call needs a 'name' (str) and object arguments, got {c!r:.120}")
+        item = {"type": "function", "function": {"name": fn["name"], "arguments": args}}
+        if c.get("id"):
+            item["id"] = str(c["id"])
+        out.append(item)
+    return out
+
+
+def message_extras(message: dict) -> dict:
+    """The tool-related keys of a chat message that pass through to the template."""
+    extras = {}
+    if message.get("tool_calls"):
+        extras["tool_calls"] = normalize_tool_calls(message["tool_calls"])
+    for key in ("tool_call_id", "name"):
+        if isinstance(message.get(key), str):
+            extras[key] = message[key]
+    return extras
+
+
+def render_tools(tokenizer, messages: Sequence[dict], tools: Sequence[Any], add_generation_prompt: bool = True):
+    """Segments of a chat with ``tools`` rendered by the template (documents stay segments).
+    :class:`ToolsNotSupportedError` when the template has no tool support."""
+    from .chat import render_chat
+    return render_chat(tokenizer, messages, add_generation_prompt, tools=tools)
+
+
+# ------------------------------------------------------------------ parsing
+_HERMES = re.compile(r"<tool_call>\s*(.*?)\s*(?:</tool_call>|\Z)", re.DOTALL)
+_FENCE = re.compile(r"^```(?:json)?\s*(.*?)\s*```$", re.DOTALL)
+
+
+def _as_call(obj: Any) -> Optional[ToolCall]:
+    if not isinstance(obj, dict):
+        return None
+    if obj.get("type") == "function" and isinstance(obj.get("function"), dict):
+        obj = obj["function"]
+    name = obj.get("name")
+    args = obj.get("arguments", obj.get("parameters"))
+    if isinstance(args, str):
+        try:
+            args = json.loads(args)
+        except ValueError:
+            return None
+    if not isinstance(name, str) or not name or not isinstance(args, dict):
+        return None
+    return ToolCall(name, args)
+
+
+def parse_tool_calls(text: str, style: str = "hermes") -> ParsedToolCalls:
+    """Find the tool calls in generated ``text`` written in ``style`` (:func:`tool_call_style`).
+
+    hermes: every ``<tool_call>{json}</tool_call>`` block (an unclosed last block too); the rest
+    is the content. llama3 / json: the text (after an optional ``<|python_tag|>`` or code fence)
+    is one or more JSON objects with ``name`` and ``parameters``/``arguments`` separated by ``;``
+    or whitespace; otherwise it is all content. A block that does not parse stays in the content."""
+    if style not in ("hermes", "llama3", "json"):
+        raise InvalidInputError(f"unknown tool-call style {style!r}; one of hermes, llama3, json")
+    calls: list[ToolCall] = []
+    if style == "hermes":
+        kept, last = [], 0
+        for m in _HERMES.finditer(text):
+            call = _as_call(_loads(m.group(1)))
+            if call is None:
+                continue
+            calls.append(call)
+            kept.append(text[last:m.start()])
+            last = m.end()
+        kept.append(text[last:])
+        return ParsedToolCalls(calls, "".join(kept).strip())
+    body = text.strip().removeprefix("<|python_tag|>").strip()
+    fenced = _FENCE.match(body)
+    body = fenced.group(1) if fenced else body
+    decoder, pos = json.JSONDecoder(), 0
+    while pos < len(body) and body[pos] == "{":
+        try:
+            obj, end = decoder.raw_decode(body, pos)
+        except ValueError:
+            break
+        call = _as_call(obj)
+        if call is None:
+            break
+        calls.append(call)
+        pos = end
+        while pos < len(body) and body[pos] in "; \n\t\r":
+            pos += 1
+    if not calls:
+        return ParsedToolCalls([], text.strip())
+    return ParsedToolCalls(calls, body[pos:].strip())
+
+
+def _loads(s: str) -> Any:
+    try:
+        return json.loads(s)
+    except ValueError:
+        return None
+
+
+# ------------------------------------------------------------------ forced calls
+def _chosen(tools: list[dict], tool_choice: Any) -> list[dict]:
+    if tool_choice in FORCED_CHOICES:
+        return tools
+    name = tool_choice
+    if isinstance(tool_choice, dict):  # {"type": "function", "function": {"name": ...}} or {"name": ...}
+        name = (tool_choice.get("function") or tool_choice).get("name")
+    picked = [t for t in tools if t["function"]["name"] == name]
+    if not picked:
+        names = [t["function"]["name"] for t in tools]
+        raise InvalidInputError(f"tool_choice {tool_choice!r} names no tool; tools: {names}, or 'any' / 'required'")
+    return picked
+
+
+def tool_call_schema(tools: Sequence[Any], tool_choice: Any = "any") -> dict:
+    """The JSON schema of one call of the chosen tool(s): ``{"name": <tool>, "arguments": <its
+    parameters>}``, one ``anyOf`` branch per tool so each name carries its own arguments."""
+    branches = [{"type": "object",
+                 "properties": {"name": {"type": "string", "enum": [t["function"]["name"]]},
+                                "arguments": t["function"]["parameters"]},
+                 "required": ["name", "arguments"]}
+                for t in _chosen(normalize_tools(tools), tool_choice)]
+    return branches[0] if len(branches) == 1 else {"anyOf": branches}
+
+
+def tool_call_constraint(tools: Sequence[Any], tool_choice: Any = "any"):
+    """A :class:`~kvboost_rag.structured.Constraint` for :func:`tool_call_schema`."""
+    from .structured import json_schema_constraint
+    return json_schema_constraint(tool_call_schema(tools, tool_choice))
+
+
+# Text that opens a call in each style, appended after the generation prompt in forced mode so
+# the model is "inside" a call when the constrained JSON starts.
+_CALL_OPENER = {"hermes": "<tool_call>\n", "llama3": "", "json": ""}
+
+
+def generate_tool_calls(engine, messages: Sequence[dict], tools: Sequence[Any], *, tool_choice: Any = "auto",
+                        **generate_kwargs) -> ToolChatResult:
+    """One assistant turn with ``tools`` available.
+
+    ``tool_choice``: ``"auto"`` / None (the model decides; calls are parsed from its text),
+    ``"none"`` (tools shown, nothing parsed), ``"any"`` / ``"required"`` (exactly one call of some
+    tool, constrained) or a tool name / ``{"type": "function", "function": {"name": ...}}`` (one
+    call of that tool, constrained). ``generate_kwargs`` go to ``engine.generate`` (``stop`` is
+    dropped in the forced modes: the grammar ends the call)."""
+    from .segments import Segment
+
+    normalized = normalize_tools(tools)
+    segments = engine.chat_segments(messages, tools=normalized)
+    style = tool_call_style(engine.tokenizer)
+    if tool_choice in (None, "auto", "none"):
+        result = engine.generate(segments, **generate_kwargs)
+        if tool_choice == "none":
+            return ToolChatResult(result.text.strip(), [], result)
+        parsed = parse_tool_calls(result.text, style)
+        return ToolChatResult(parsed.content, parsed.tool_calls, result)
+    generate_kwargs.pop("stop", None)
+    constraint = tool_call_constraint(normalized, tool_choice)
+    if _CALL_OPENER[style]:
+        segments = list(segments) + [Segment("text", _CALL_OPENER[style])]
+    result = engine.generate(segments, constraint=constraint, **generate_kwargs)
+    obj = result.extra["json"]
+    return ToolChatResult("", [ToolCall(obj["name"], obj["arguments"])], result)

@@ -1,0 +1,231 @@
+"""Continuous batching across requests (issue 14): batched answers equal the same requests run
+alone, token for token; per-request options, cancellation, queue bound and memory budget.
+Tiny float32 random-weight models."""
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+import torch
+
+from kvboost_rag import InvalidConfigError, Segment
+from kvboost_rag.errors import ContextWindowError, SchedulerFullError
+from kvboost_rag.hf_compat import cache_kwargs
+from kvboost_rag.scheduler import BatchKV
+
+from kvboost_rag_bench.testing import DOCS, tiny_engine
+
+
+def _prompts(n: int = 5) -> list:
+    """Prompts of different lengths (1..4 documents, questions of growing length)."""
+    out = []
+    for i in range(n):
+        docs = [Segment("document", d) for d in (DOCS * 2)[i % 4: i % 4 + 1 + i % 4]]
+        out.append([Segment("text", "Documents:"), *docs, Segment("text", " Question: what is it ?" * (i + 1))])
+    return out
+
+
+def _pair(kind: str = "llama", **kwargs):
+    on = tiny_engine(kind, write_behind=False, **kwargs)
+    off = tiny_engine(kind, write_behind=False, batching=False, **kwargs)
+    on.warm(DOCS)
+    off.warm(DOCS)
+    return on, off
+
+
+@pytest.fixture(scope="module")
+def engines():
+    return _pair()
+
+
+def _threads(engine, prompts, kwargs_for):
+    results, errors = [None] * len(prompts), []
+
+    def go(i):
+        try:
+            results[i] = engine.generate(prompts[i], **kwargs_for(i))
+        except Exception as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    ts = [threading.Thread(target=go, args=(i,)) for i in range(len(prompts))]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join(60)
+    assert not errors, errors
+    return results
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2"])
+def test_batched_logits_match_unbatched(kind):
+    """Teacher-forced: the padded batch step gives each row the logits of its request alone."""
+    engine, _ = _pair(kind)
+    prompts, steps = _prompts(3), 6
+    tokens = [[5 + i + j for j in range(steps)] for i in range(3)]
+    with torch.inference_mode():
+        ref = []
+        for p, t in zip(prompts, tokens):
+            pre = engine.prefill(p)
+            n = len(pre.input_ids)
+            out = engine.model(input_ids=torch.tensor([t]), position_ids=torch.arange(n, n + steps)[None],
+                               **cache_kwargs(pre.cache), use_cache=True)
+            ref.append(out.logits[0])
+        kv = BatchKV()
+        lengths = []
+        for p in prompts:
+            pre = engine.prefill(p)
+            layers = pre.cache.layers
+            lengths.append(len(pre.input_ids))
+            kv.add([l.keys for l in layers], [l.values for l in layers], len(pre.input_ids) + steps, 8)
+        assert len(set(lengths)) == 3  # ragged
+        for s in range(steps):
+            pos, mask = kv.step_inputs(torch.float32, "cpu")
+            out = engine.model(input_ids=torch.tensor([[t[s]] for t in tokens]), position_ids=pos,
+                               attention_mask=mask, **cache_kwargs(kv), use_cache=True)
+            kv.advance()
+            for b in range(3):
+                torch.testing.assert_close(out.logits[b, -1], ref[b][s], atol=1e-4, rtol=1e-4)
+
+
+def test_greedy_batched_equals_alone(engines):
+    on, off = engines
+    prompts = _prompts(5)
+    alone = [off.generate(p, max_new_tokens=20 + 3 * i) for i, p in enumerate(prompts)]
+    assert len({r.prompt_tokens for r in alone}) == 5
+    threaded = _threads(on, prompts, lambda i: {"max_new_tokens": 20 + 3 * i})
+    for a, b in zip(alone, threaded):
+        assert b.token_ids == a.token_ids and b.text == a.text and b.finish_reason == a.finish_reason
+        assert (b.reused_tokens, b.recomputed_tokens, b.fresh_tokens) == (a.reused_tokens, a.recomputed_tokens,
+                                                                         a.fresh_tokens)
+        assert b.extra["batched"] is True and b.ttft_s > 0
+    batch = on.generate_batch(prompts, max_new_tokens=24)
+    for a, b in zip(off.generate_batch(prompts, max_new_tokens=24), batch):
+        assert b.token_ids == a.token_ids
+    assert on.scheduler.snapshot()["max_batch_seen"] >= 2
+
+
+def test_each_request_keeps_its_own_options(engines):
+    on, off = engines
+    prompts = _prompts(4)
+    options = [
+        {"max_new_tokens": 30, "repetition_penalty": 1.5},
+        {"max_new_tokens": 12, "temperature": 0.8, "top_p": 0.9, "seed": 3},
+        {"max_new_tokens": 25, "no_repeat_ngram_size": 2},
+        {"max_new_tokens": 30},
+    ]
+    alone = [off.generate(p, **o) for p, o in zip(prompts, options)]
+    stop = alone[3].text[len(alone[3].text) // 2:][:3]
+    options[3]["stop"] = [stop]
+    alone[3] = off.generate(prompts[3], **options[3])
+    batched = _threads(on, prompts, lambda i: options[i])
+    for a, b in zip(alone, batched):
+        assert (b.token_ids, b.text, b.finish_reason) == (a.token_ids, a.text, a.finish_reason)
+    assert batched[3].finish_reason == "stop"
+
+
+def test_streams_deltas_and_cancel_one_without_disturbing_others(engines):
+    on, off = engines
+    prompts = _prompts(3)
+    ref = off.generate(prompts[0], max_new_tokens=40)
+    stream = on.stream(prompts[1], max_new_tokens=200)
+    others = {}
+
+    def run_other():
+        others["r"] = on.generate(prompts[0], max_new_tokens=40)
+
+    t = threading.Thread(target=run_other)
+    t.start()
+    got = []
+    for delta in stream:
+        got.append(delta)
+        if len(got) == 3:
+            stream.cancel()
+    t.join(60)
+    assert others["r"].token_ids == ref.token_ids
+    assert stream.result is None  # cancelled: no result, a quiet end
+    deltas = list(on.stream(prompts[2], max_new_tokens=16))
+    assert "".join(deltas) == off.generate(prompts[2], max_new_tokens=16).text
+
+
+def test_timeout_under_batching(engines):
+    on, _ = engines
+    with pytest.raises(TimeoutError):
+        on.generate(_prompts(1)[0], max_new_tokens=1000, timeout=1e-4)
+
+
+def test_a_failing_request_fails_alone(engines):
+    on, off = engines
+    prompts = _prompts(2)
+    long = " ".join(["word"] * 2000)
+    results, errors = {}, {}
+
+    def go(name, prompt, n):
+        try:
+            results[name] = on.generate(prompt, max_new_tokens=n)
+        except Exception as exc:
+            errors[name] = exc
+
+    ts = [threading.Thread(target=go, args=("ok", prompts[0], 30)), threading.Thread(target=go, args=("bad", long, 5))]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join(60)
+    assert isinstance(errors["bad"], ContextWindowError)
+    assert results["ok"].token_ids == off.generate(prompts[0], max_new_tokens=30).token_ids
+
+
+def test_waiting_queue_is_bounded():
+    engine = tiny_engine(write_behind=False, max_waiting=1)
+    engine.warm(DOCS)
+    prompts = _prompts(3)
+    errors, results = [], []
+
+    def go(p):
+        try:
+            results.append(engine.generate(p, max_new_tokens=5))
+        except SchedulerFullError as exc:
+            errors.append(exc)
+
+    with engine._lock:  # the worker stalls in the first prefill
+        first = threading.Thread(target=go, args=(prompts[0],))
+        first.start()
+        deadline = time.time() + 10
+        while engine.scheduler.snapshot()["waiting"] and time.time() < deadline or not engine.scheduler._worker:
+            time.sleep(0.01)
+        second = threading.Thread(target=go, args=(prompts[1],))
+        second.start()
+        while not engine.scheduler.snapshot()["waiting"] and time.time() < deadline:
+            time.sleep(0.01)
+        with pytest.raises(SchedulerFullError, match="max_waiting"):
+            engine.generate(prompts[2], max_new_tokens=5)
+    first.join(60)
+    second.join(60)
+    assert len(results) == 2 and not errors
+
+
+def test_memory_budget_makes_requests_wait():
+    on, off = _pair(batch_kv_bytes=1)  # any second request exceeds it: one at a time, still correct
+    prompts = _prompts(4)
+    batched = on.generate_batch(prompts, max_new_tokens=15)
+    for p, b in zip(prompts, batched):
+        assert b.token_ids == off.generate(p, max_new_tokens=15).token_ids
+    snap = on.scheduler.snapshot()
+    assert snap["max_batch_seen"] == 1 and snap["waited_for_memory"] > 0
+
+
+def test_max_batch_caps_the_batch():
+    on, off = _pair(max_batch=2)
+    prompts = _prompts(5)
+    for p, b in zip(prompts, on.generate_batch(prompts, max_new_tokens=12)):
+        assert b.token_ids == off.generate(p, max_new_tokens=12).token_ids
+    assert on.scheduler.snapshot()["max_batch_seen"] <= 2
+
+
+def test_config_is_checked():
+    for bad in ({"batching": "yes"}, {"max_batch": 0}, {"max_waiting": 0}, {"batch_kv_bytes": -1}):
+        with pytest.raises(InvalidConfigError):
+            tiny_engine(**bad)
+    engine = tiny_engine(write_behind=False)
+    with pytest.raises(Exception, match="list of prompts"):
+        engine.generate_batch("one prompt")
