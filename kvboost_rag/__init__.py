@@ -26,7 +26,7 @@ _EXPORTS = {
     "GenerationCancelled": "errors", "StoreError": "errors",
     "ModelMismatchError": "errors", "CorruptEntryError": "errors", "PackagedModelError": "errors",
     "PackagedModelNotInstalledError": "errors", "PackagedModelCorruptError": "errors",
-    "StructuredOutputError": "errors", "ToolsNotSupportedError": "errors",
+    "StructuredOutputError": "errors", "ToolsNotSupportedError": "errors", "SchedulerFullError": "errors",
     "json_schema_constraint": "structured", "json_object_constraint": "structured", "Constraint": "structured",
     "ToolCall": "tools", "parse_tool_calls": "tools", "render_tools": "tools", "generate_tool_calls": "tools",
 }

@@ -35,7 +35,10 @@ class EngineConfig:
         the answer itself is unchanged. False: nothing is ever written at query time.
     batching: concurrent requests (threads calling generate/stream, ``generate_batch``) decode
         together, one forward per step for all of them (:mod:`kvboost_rag.scheduler`); False: each
-        request runs in its caller's thread under the engine's lock, one after another per step.
+        request runs in its caller's thread under the engine's lock, one after another per step
+        (the default: on this 2-core CPU batching measured only 1.08x the throughput of sequential
+        at 8 concurrent requests, and a lone request may be slower through the scheduler; see
+        ``benchmarks/concurrency_bench.py``).
     max_batch: most requests decoded together; others wait (prefilled) for a free row.
     max_waiting: most requests waiting for their prefill; one more is a
         :class:`~kvboost_rag.errors.SchedulerFullError`.
@@ -50,7 +53,7 @@ class EngineConfig:
     model_name: Optional[str] = None
     prefix_cache_bytes: int = 256 << 20
     write_behind: bool = True
-    batching: bool = True
+    batching: bool = False
     max_batch: int = 16
     max_waiting: int = 256
     batch_kv_bytes: int = 8 << 30

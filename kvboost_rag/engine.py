@@ -279,7 +279,8 @@ class KVBoostEngine:
         """The :class:`GenerationResult` of a finished answer (here and in :mod:`.scheduler`)."""
         decode_s = max(total - ttft, 1e-9)
         s = pre.stats
-        extra = {"documents": s.documents, "documents_reused": s.documents_reused}
+        extra = {"documents": s.documents, "documents_reused": s.documents_reused,
+                 "dtype": str(self.model.dtype).removeprefix("torch.")}  # dtype="auto" picks per machine
         if params.constraint is not None:
             extra["json"] = parse_constrained(text, params.constraint)
         return GenerationResult(
@@ -296,7 +297,7 @@ class KVBoostEngine:
         sched = self.__dict__.get("_scheduler")
         if sched is None:
             from .scheduler import Scheduler
-            with self._lock:
+            with KVBoostEngine._shared_lock:  # not self._lock: a caller may hold it while another thread starts
                 sched = self.__dict__.get("_scheduler")
                 if sched is None:
                     sched = self._scheduler = Scheduler(self)
@@ -304,9 +305,13 @@ class KVBoostEngine:
 
     def _events(self, prompt: Prompt, params: SamplingParams, strategy, recompute_ratio, should_stop=None):
         """A request's events: through the batch scheduler (``config.batching``) or in this thread."""
-        if self.config.batching:
+        if self.config.batching and self._batchable():
             return self.scheduler.run(prompt, params, strategy, recompute_ratio, should_stop=should_stop)
         return self._run(prompt, params, strategy, recompute_ratio, should_stop=should_stop)
+
+    def _batchable(self) -> bool:
+        from .scheduler import supports
+        return supports(self.model)
 
     def generate_batch(self, prompts: Sequence[Prompt], **kwargs) -> list[GenerationResult]:
         """Answer several prompts at once (same keyword arguments as :meth:`generate`, except

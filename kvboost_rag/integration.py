@@ -147,6 +147,55 @@ def generation_kwargs(settings: Mapping[str, Any], *, passthrough: Mapping[str, 
 
 
 # ---------------------------------------------------------------------------------------------
+# Structured output
+# ---------------------------------------------------------------------------------------------
+def response_format_constraint(response_format: Any, *, owner: str):
+    """The :class:`~kvboost_rag.structured.Constraint` of an OpenAI-style ``response_format``, or
+    ``None`` for plain text.
+
+    Accepted: ``None`` / ``{"type": "text"}`` (no constraint), ``{"type": "json_object"}`` (any
+    object), ``{"type": "json_schema", "json_schema": {"schema": {...}, ...}}`` (OpenAI's form),
+    a JSON schema dict, or a pydantic class. Anything else raises
+    :class:`~kvboost_rag.errors.InvalidInputError`: a format is never silently ignored."""
+    from .structured import json_object_constraint, json_schema_constraint
+
+    if response_format is None:
+        return None
+    if isinstance(response_format, type) or isinstance(response_format, str):
+        return json_schema_constraint(response_format)
+    if not isinstance(response_format, Mapping):
+        raise InvalidInputError(f"{owner}: response_format must be a dict or a pydantic class, "
+                                f"got {type(response_format).__name__}")
+    kind = response_format.get("type")
+    if kind == "text" and len(response_format) == 1:
+        return None
+    if kind == "json_object" and len(response_format) == 1:
+        return json_object_constraint()
+    if kind == "json_schema" and isinstance(response_format.get("json_schema"), Mapping):
+        spec = response_format["json_schema"]
+        schema = spec.get("schema")
+        if not isinstance(schema, Mapping):
+            raise InvalidInputError(f"{owner}: response_format json_schema needs a 'schema' dict")
+        return json_schema_constraint(dict(schema))
+    if "properties" in response_format or "$defs" in response_format or "anyOf" in response_format \
+            or kind in ("object", "array", "string", "integer", "number", "boolean"):
+        return json_schema_constraint(dict(response_format))
+    raise InvalidInputError(
+        f"{owner}: unsupported response_format {response_format!r:.120}; use {{'type': 'json_object'}}, "
+        "{'type': 'json_schema', 'json_schema': {'schema': {...}}}, a JSON schema or a pydantic class")
+
+
+def constrained_kwargs(kwargs: Mapping[str, Any], constraint: Any) -> dict:
+    """Generation keyword arguments with ``constraint`` set; stop sequences are dropped (the
+    grammar ends the answer, and the engine refuses both together)."""
+    out = dict(kwargs)
+    if constraint is not None:
+        out.pop("stop", None)
+        out["constraint"] = constraint
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
 # Message translation
 # ---------------------------------------------------------------------------------------------
 #: Framework role names -> chat-template roles (LangChain message types, LlamaIndex roles).
@@ -207,5 +256,5 @@ def usage(result: Any) -> dict:
 __all__ = [
     "EngineHolder", "LazyEngineMixin", "HF_GENERATION_OPTIONS", "OPTION_ALIASES", "ROLE_ALIASES",
     "engine_generation_options", "normalize_aliases", "check_generation_options", "generation_kwargs",
-    "engine_role", "engine_message", "document_part", "refuse_media", "telemetry", "usage",
+    "engine_role", "engine_message", "response_format_constraint", "constrained_kwargs", "document_part", "refuse_media", "telemetry", "usage",
 ]

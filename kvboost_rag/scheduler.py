@@ -17,9 +17,10 @@ created on first use, run by one worker thread that exits when idle) instead:
    a request alone (its "model" is a stub returning the batched logits), and streams its deltas;
 5. a finished request leaves at once (the last row moves into its place, so rows stay contiguous).
 
-Memory: each row reserves ``capacity x per-token KV bytes`` (capacity: the longest prompt plus
-its ``max_new_tokens``); a prefilled request joins only while the reserved total stays within
-``EngineConfig.batch_kv_bytes``, else it waits for a request to leave (a request alone always runs).
+Memory: the buffers hold ``rows x capacity x per-token KV bytes`` (capacity: the longest prompt
+plus its ``max_new_tokens``, rows allocated by doubling up to ``max_batch``); a prefilled request
+joins only while that stays within ``EngineConfig.batch_kv_bytes``, else it waits for a request to
+leave (a request alone always runs). Buffers are freed when the batch empties.
 """
 from __future__ import annotations
 
@@ -106,7 +107,8 @@ class BatchKV:
         ``need`` tokens in all; return the row index."""
         n = keys[0].shape[-2]
         if self.size >= self.slots or need > self.capacity:
-            slots = max(self.slots, min(max_slots, max(self.size + 1, 2 * self.slots)), self.size + 1)
+            want = 2 * self.slots if self.size >= self.slots else self.slots
+            slots = max(self.size + 1, min(max_slots, max(want, 1)))
             capacity = max(self.capacity, -(-need // 64) * 64)
             self._reallocate(slots, capacity, keys if not self.keys else self.keys,
                              values if not self.values else self.values)
@@ -179,6 +181,12 @@ class Request:
 
     def stopped(self) -> bool:
         return self.abandoned or (self.should_stop is not None and bool(self.should_stop()))
+
+
+def supports(model) -> bool:
+    """Batched steps pass an explicit 4D additive mask: SDPA and eager attention take it (flash
+    attention kernels do not; such models decode request by request)."""
+    return getattr(model.config, "_attn_implementation", "sdpa") in ("sdpa", "eager")
 
 
 class Scheduler:
@@ -287,9 +295,19 @@ class Scheduler:
         req.need = len(req.pre.input_ids) + req.params.max_new_tokens
         self._ready.append(req)
 
-    def _reserved_bytes(self, extra: Optional[Request] = None) -> int:
-        reqs = self._active + ([extra] if extra is not None else [])
-        return len(reqs) * max((r.need for r in reqs), default=0) * self._token_bytes
+    def _reserved_bytes(self) -> int:
+        """Bytes the batch buffers hold (rows allocated x capacity, zero-filled so really in use)."""
+        return self.kv.slots * self.kv.capacity * self._token_bytes
+
+    def _slot_limit(self, req: Request) -> int:
+        """How many rows the buffers may have once ``req`` joins (0: it must wait)."""
+        limit = self.max_batch
+        if self.kv_budget and self._token_bytes:
+            capacity = max(self.kv.capacity, -(-req.need // 64) * 64)
+            limit = min(limit, self.kv_budget // (capacity * self._token_bytes))
+        if self.kv.size >= limit and self._active:
+            return 0
+        return max(limit, self.kv.size + 1)  # a request alone always runs
 
     def _admit_ready(self) -> None:
         while self._ready and len(self._active) < self.max_batch:
@@ -302,11 +320,12 @@ class Scheduler:
             if not self._token_bytes:
                 self._token_bytes = sum(l.keys[0, :, :1].numel() * l.keys.element_size()
                                         + l.values[0, :, :1].numel() * l.values.element_size() for l in layers)
-            if self._active and self.kv_budget and self._reserved_bytes(req) > self.kv_budget:
+            limit = self._slot_limit(req)
+            if not limit:
                 self.stats["waited_for_memory"] += 1
                 return  # waits until a request leaves
             self._ready.popleft()
-            self.kv.add([l.keys for l in layers], [l.values for l in layers], req.need, self.max_batch)
+            self.kv.add([l.keys for l in layers], [l.values for l in layers], req.need, limit)
             req.pre.cache = None  # the batch buffer holds it now
             self._active.append(req)
             self.stats["max_batch_seen"] = max(self.stats["max_batch_seen"], len(self._active))
@@ -373,4 +392,4 @@ class Scheduler:
                     "active": len(self._active), "reserved_kv_bytes": self._reserved_bytes()}
 
 
-__all__ = ["Scheduler", "BatchKV", "Request", "SchedulerFullError", "KVBoostError"]
+__all__ = ["Scheduler", "BatchKV", "Request", "supports", "SchedulerFullError", "KVBoostError"]

@@ -26,7 +26,7 @@ from .errors import InvalidInputError, ToolsNotSupportedError
 
 __all__ = ["ToolCall", "ParsedToolCalls", "ToolChatResult", "normalize_tool", "normalize_tools", "supports_tools",
            "tool_call_style", "render_tools", "parse_tool_calls", "tool_call_schema", "tool_call_constraint",
-           "generate_tool_calls", "FORCED_CHOICES"]
+           "generate_tool_calls", "FORCED_CHOICES", "ToolTurn", "prepare_tool_turn", "forced_choice"]
 
 # tool_choice values that force a call of some tool ("required" is OpenAI's name, "any" Anthropic's / LangChain's).
 FORCED_CHOICES = ("any", "required")
@@ -289,6 +289,59 @@ def tool_call_constraint(tools: Sequence[Any], tool_choice: Any = "any"):
 _CALL_OPENER = {"hermes": "<tool_call>\n", "llama3": "", "json": ""}
 
 
+def forced_choice(tool_choice: Any) -> bool:
+    """Whether ``tool_choice`` forces a call (``"any"`` / ``"required"`` / ``True`` / a tool name / a
+    ``{"type": "function", "function": {"name": ...}}`` dict) rather than leaving it to the model."""
+    return tool_choice not in (None, False, "auto", "none")
+
+
+@dataclass
+class ToolTurn:
+    """A prepared assistant turn with tools: what to generate (``segments``, ``constraint``, or
+    ``None`` when the model decides) and how to read the answer back (:meth:`finish`). The
+    streaming form of :func:`generate_tool_calls`: pass ``segments`` and ``constraint`` to
+    ``engine.stream`` and call :meth:`finish` with the final text."""
+
+    segments: list
+    constraint: Any
+    style: str
+    tool_choice: Any
+
+    @property
+    def forced(self) -> bool:
+        return self.constraint is not None
+
+    def finish(self, text: str, parsed_json: Any = None) -> ParsedToolCalls:
+        """The calls in the answer ``text`` (``parsed_json``: ``result.extra["json"]`` in forced mode)."""
+        if self.forced:
+            obj = parsed_json if parsed_json is not None else json.loads(text)
+            return ParsedToolCalls([ToolCall(obj["name"], obj["arguments"])], "")
+        if self.tool_choice == "none":
+            return ParsedToolCalls([], text.strip())
+        return parse_tool_calls(text, self.style)
+
+
+def prepare_tool_turn(engine, messages: Sequence[dict], tools: Sequence[Any], tool_choice: Any = "auto") -> ToolTurn:
+    """Render ``messages`` with ``tools`` (:class:`ToolsNotSupportedError` if the template has no
+    tool support) and, for a forced ``tool_choice``, the constraint of the call and the text that
+    opens it in the template's style. ``True`` is taken as ``"any"``, ``False`` as ``"auto"``."""
+    from .segments import Segment
+
+    if tool_choice is True:
+        tool_choice = "any"
+    elif tool_choice is False:
+        tool_choice = "auto"
+    normalized = normalize_tools(tools)
+    segments = list(engine.chat_segments(messages, tools=normalized))
+    style = tool_call_style(engine.tokenizer)
+    if not forced_choice(tool_choice):
+        return ToolTurn(segments, None, style, tool_choice)
+    constraint = tool_call_constraint(normalized, tool_choice)
+    if _CALL_OPENER[style]:
+        segments.append(Segment("text", _CALL_OPENER[style]))
+    return ToolTurn(segments, constraint, style, tool_choice)
+
+
 def generate_tool_calls(engine, messages: Sequence[dict], tools: Sequence[Any], *, tool_choice: Any = "auto",
                         **generate_kwargs) -> ToolChatResult:
     """One assistant turn with ``tools`` available.
@@ -297,22 +350,13 @@ def generate_tool_calls(engine, messages: Sequence[dict], tools: Sequence[Any], 
     ``"none"`` (tools shown, nothing parsed), ``"any"`` / ``"required"`` (exactly one call of some
     tool, constrained) or a tool name / ``{"type": "function", "function": {"name": ...}}`` (one
     call of that tool, constrained). ``generate_kwargs`` go to ``engine.generate`` (``stop`` is
-    dropped in the forced modes: the grammar ends the call)."""
-    from .segments import Segment
-
-    normalized = normalize_tools(tools)
-    segments = engine.chat_segments(messages, tools=normalized)
-    style = tool_call_style(engine.tokenizer)
-    if tool_choice in (None, "auto", "none"):
-        result = engine.generate(segments, **generate_kwargs)
-        if tool_choice == "none":
-            return ToolChatResult(result.text.strip(), [], result)
-        parsed = parse_tool_calls(result.text, style)
-        return ToolChatResult(parsed.content, parsed.tool_calls, result)
-    generate_kwargs.pop("stop", None)
-    constraint = tool_call_constraint(normalized, tool_choice)
-    if _CALL_OPENER[style]:
-        segments = list(segments) + [Segment("text", _CALL_OPENER[style])]
-    result = engine.generate(segments, constraint=constraint, **generate_kwargs)
-    obj = result.extra["json"]
-    return ToolChatResult("", [ToolCall(obj["name"], obj["arguments"])], result)
+    dropped in the forced modes: the grammar ends the call). Streaming: :func:`prepare_tool_turn`."""
+    turn = prepare_tool_turn(engine, messages, tools, tool_choice)
+    if turn.forced:
+        generate_kwargs.pop("stop", None)
+        result = engine.generate(turn.segments, constraint=turn.constraint, **generate_kwargs)
+        parsed = turn.finish(result.text, result.extra["json"])
+    else:
+        result = engine.generate(turn.segments, **generate_kwargs)
+        parsed = turn.finish(result.text)
+    return ToolChatResult(parsed.content, parsed.tool_calls, result)

@@ -31,10 +31,12 @@ recognises as a document).
 """
 from __future__ import annotations
 
+import atexit
 import logging
 import re
 import threading
 import time
+import weakref
 from collections import OrderedDict, deque
 from typing import Any, Iterable, Iterator, Optional, Sequence
 
@@ -109,6 +111,20 @@ def recognise_documents(segments: Sequence[Segment], special_tokens: Iterable[st
     return found
 
 
+_LIVE: "weakref.WeakSet[WriteBehind]" = weakref.WeakSet()
+
+
+@atexit.register
+def _shutdown_workers() -> None:
+    """At interpreter exit, drop what is still queued and wait for the document being encoded.
+
+    A daemon thread still inside torch while the interpreter finalizes aborts the process
+    ("terminate called without an active exception", exit code 134): a script that answered
+    one question and returned would fail."""
+    for writer in list(_LIVE):
+        writer.close()
+
+
 class WriteBehind:
     """Per-engine write-behind queue, worker and counters (see the module docstring).
 
@@ -131,6 +147,22 @@ class WriteBehind:
         self.queued = self.written = self.skipped = self.dropped = self.failed = 0
         self._no_reuse_run = 0
         self.warned = False
+        self._closed = False
+        _LIVE.add(self)
+
+    def close(self, timeout: Optional[float] = 30.0) -> None:
+        """Stop taking documents, drop the queued ones (counted as dropped) and wait up to
+        ``timeout`` s for the one being encoded."""
+        with self._cond:
+            self._closed = True
+            self.dropped += len(self._queue)
+            for text in self._queue:
+                self._pending.discard(text)
+            self._queue.clear()
+            thread = self._thread
+            self._cond.notify_all()
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(timeout)
 
     @property
     def enabled(self) -> bool:
@@ -208,6 +240,8 @@ class WriteBehind:
         offered, queued or already pending."""
         offered = 0
         with self._cond:
+            if self._closed:
+                return 0
             for text in texts:
                 if text in self._failed:
                     continue
@@ -234,8 +268,10 @@ class WriteBehind:
                     self._cond.notify_all()
                     return
                 deadline = time.monotonic() + self.idle_wait_s
-                while self._active and (left := deadline - time.monotonic()) > 0:
+                while self._active and not self._closed and (left := deadline - time.monotonic()) > 0:
                     self._cond.wait(left)
+                if not self._queue:  # closed while waiting
+                    continue
                 text = self._queue.popleft()
             try:
                 report = index_documents(self._engine, [CorpusDoc("write-behind", text, "write-behind")],

@@ -7,6 +7,7 @@ from transformers.cache_utils import DynamicCache, DynamicLayer
 
 from kvboost_rag.decode_cache import InPlaceLayer, with_room
 from kvboost_rag.generate import SamplingParams, decode
+from kvboost_rag.hf_compat import cache_kwargs
 
 from kvboost_rag_bench.testing import tiny_engine, tiny_model, tiny_tokenizer
 
@@ -63,7 +64,7 @@ def test_decoding_with_room_equals_decoding_with_dynamic_cache(kind):
             token = int(step_logits.argmax())
             ref_tokens.append(token)
             o = model(input_ids=torch.tensor([[token]]), position_ids=torch.tensor([[position]]),
-                      past_key_values=ref_cache, use_cache=True)
+                      use_cache=True, **cache_kwargs(ref_cache))
             step_logits = o.logits[0, -1]
             ref_logits.append(step_logits)
             position += 1

@@ -332,3 +332,25 @@ def test_engine_config_is_one_validated_dataclass():
                 dict(strategy="fast"), dict(prefix_cache_bytes=-1)):
         with pytest.raises(InvalidConfigError):
             EngineConfig().replace(**bad)
+
+
+def test_dtype_auto_picks_bf16_only_where_the_cpu_runs_it_natively(monkeypatch):
+    """bf16 on CPUs with AMX / AVX512-BF16, float32 on others (emulated bf16 is many times slower);
+    the choice is in every answer's telemetry."""
+    import torch
+
+    from kvboost_rag import model as model_module
+
+    cpu = torch.device("cpu")
+    assert isinstance(model_module.cpu_has_fast_bf16(), bool)  # reads /proc/cpuinfo flags here
+    monkeypatch.setattr(model_module, "cpu_has_fast_bf16", lambda: True)
+    assert model_module.pick_dtype("auto", cpu) == torch.bfloat16
+    assert model_module.pick_dtype(None, cpu) == torch.bfloat16
+    monkeypatch.setattr(model_module, "cpu_has_fast_bf16", lambda: False)
+    assert model_module.pick_dtype("auto", cpu) == torch.float32
+    assert model_module.pick_dtype("float16", cpu) == torch.float16  # an explicit choice wins
+
+
+def test_telemetry_names_the_dtype(engine):
+    result = engine.generate(explicit_prompt([0, 1]), max_new_tokens=2)
+    assert result.extra["dtype"] == str(engine.model.dtype).removeprefix("torch.")

@@ -27,7 +27,7 @@ def _prompts(n: int = 5) -> list:
 
 
 def _pair(kind: str = "llama", **kwargs):
-    on = tiny_engine(kind, write_behind=False, **kwargs)
+    on = tiny_engine(kind, write_behind=False, batching=True, **kwargs)
     off = tiny_engine(kind, write_behind=False, batching=False, **kwargs)
     on.warm(DOCS)
     off.warm(DOCS)
@@ -176,7 +176,7 @@ def test_a_failing_request_fails_alone(engines):
 
 
 def test_waiting_queue_is_bounded():
-    engine = tiny_engine(write_behind=False, max_waiting=1)
+    engine = tiny_engine(write_behind=False, batching=True, max_waiting=1)
     engine.warm(DOCS)
     prompts = _prompts(3)
     errors, results = [], []
@@ -191,8 +191,9 @@ def test_waiting_queue_is_bounded():
         first = threading.Thread(target=go, args=(prompts[0],))
         first.start()
         deadline = time.time() + 10
-        while engine.scheduler.snapshot()["waiting"] and time.time() < deadline or not engine.scheduler._worker:
+        while time.time() < deadline and (engine.scheduler._worker is None or engine.scheduler.snapshot()["waiting"]):
             time.sleep(0.01)
+        assert engine.scheduler._worker is not None and not engine.scheduler.snapshot()["waiting"]
         second = threading.Thread(target=go, args=(prompts[1],))
         second.start()
         while not engine.scheduler.snapshot()["waiting"] and time.time() < deadline:

@@ -14,21 +14,8 @@ from kvboost_rag.errors import ToolsNotSupportedError
 from kvboost_rag.tools import (ToolCall, generate_tool_calls, parse_tool_calls, render_tools, supports_tools,
                                tool_call_schema, tool_call_style)
 
-from kvboost_rag_bench.testing import DOCS, tiny_engine, tiny_tokenizer
+from kvboost_rag_bench.testing import DOCS, HERMES_TEMPLATE, tiny_engine, tiny_tokenizer
 
-# A small Hermes-style template (the shape of Qwen2.5's): tools in the system turn, calls in
-# <tool_call> tags, tool results in <tool_response> tags.
-HERMES_TEMPLATE = (
-    "{% if tools %}<|im_start|>system\nTools:\n{% for t in tools %}{{ t | tojson }}\n{% endfor %}"
-    "Call one as <tool_call>{\"name\": ..., \"arguments\": ...}</tool_call><|im_end|>\n{% endif %}"
-    "{% for m in messages %}"
-    "{% if m.role == 'tool' %}<|im_start|>user\n<tool_response>\n{{ m.content }}\n</tool_response><|im_end|>\n"
-    "{% elif m.role == 'assistant' and m.tool_calls %}<|im_start|>assistant\n{% for c in m.tool_calls %}"
-    "<tool_call>\n{\"name\": \"{{ c.function.name }}\", \"arguments\": {{ c.function.arguments | tojson }}}\n"
-    "</tool_call>{% endfor %}<|im_end|>\n"
-    "{% else %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endif %}{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
 WEATHER = {"type": "function", "function": {
     "name": "get_weather", "description": "Current weather in a city",
     "parameters": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 8},

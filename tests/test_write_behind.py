@@ -225,3 +225,22 @@ def test_recognition_is_conservative():
     # a block next to a detected document, after a newline, counts
     segs = [Segment.text("Context:\n\n"), Segment.document(DOCS[0]), Segment.text("\n\n" + LONG[3] + "\n\nQ?")]
     assert recognise_documents(segs) == [LONG[3]]
+
+
+def test_a_script_that_exits_while_a_document_is_queued_exits_cleanly(tmp_path):
+    """A daemon worker still inside torch at interpreter exit aborts the process (exit 134,
+    "terminate called without an active exception"); the atexit hook drops the queue and waits."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "one_answer.py"
+    script.write_text(
+        "from kvboost_rag import Segment\n"
+        "from kvboost_rag_bench.testing import DOCS, tiny_engine\n"
+        "engine = tiny_engine()\n"
+        "engine.generate([Segment.document(d) for d in DOCS[:3]] + ['Question?'], max_new_tokens=2)\n"
+        "assert engine.write_behind.stats()['queued'] >= 1\n"
+        "print('answered')\n")
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "answered" in out.stdout and "terminate called" not in out.stderr

@@ -29,7 +29,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from .testing import DOCS, tiny_engine as _tiny_engine  # noqa: E402
+from .testing import DOCS, HERMES_TEMPLATE, tiny_engine as _tiny_engine, tiny_tokenizer  # noqa: E402
 
 TINY_MODEL_NAME = "tiny-random-llama"
 
@@ -103,6 +103,43 @@ async def drain_while_ticking(items) -> tuple[list, int]:
         return [item async for item in items], ticks
     finally:
         task.cancel()
+
+
+# ------------------------------------------------------------------ the repository's examples
+def load_example(name: str, examples: "os.PathLike", needs: tuple = ()):
+    """Import ``examples/<name>.py`` of a repository checkout; skips when the folder or one of the
+    modules in ``needs`` (the example's extra dependencies) is absent."""
+    import importlib
+    import sys
+    from pathlib import Path
+
+    examples = Path(examples)
+    if not (examples / f"{name}.py").is_file():
+        pytest.skip(f"the repository's examples/ folder is not here ({examples})")
+    for module in needs:
+        pytest.importorskip(module, reason="the example needs kvboost-rag[examples]")
+    sys.path.insert(0, str(examples))
+    try:
+        return importlib.import_module(name)
+    finally:
+        sys.path.remove(str(examples))
+
+
+# ------------------------------------------------------------------ a tokenizer with tool support
+_ENGINES: dict = {}
+
+
+def make_tools_engine():
+    """A fresh tiny engine (own memory store) whose template renders tools."""
+    tok = tiny_tokenizer()
+    tok.chat_template = HERMES_TEMPLATE
+    return make_tiny_engine(tokenizer=tok)
+
+
+def shared_tools_engine():
+    if "engine" not in _ENGINES:
+        _ENGINES["engine"] = make_tools_engine()
+    return _ENGINES["engine"]
 
 
 # ------------------------------------------------------------------ fixtures

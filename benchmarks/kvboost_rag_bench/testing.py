@@ -163,3 +163,18 @@ def tiny_engine(kind: str = "llama", store=None, *, tokenizer=None, seed: int = 
         warnings.simplefilter("ignore")
         model = tiny_model(kind, seed=seed, vocab_size=len(tokenizer))
         return KVBoostEngine(model, tokenizer, store=store, **kwargs)
+
+
+# A Hermes-style chat template with tool support, the shape of Qwen2.5's: tools in the system turn, calls in <tool_call> tags, tool
+# results in <tool_response> tags.
+HERMES_TEMPLATE = (
+    "{% if tools %}<|im_start|>system\nTools:\n{% for t in tools %}{{ t | tojson }}\n{% endfor %}"
+    "Call one as <tool_call>{\"name\": ..., \"arguments\": ...}</tool_call><|im_end|>\n{% endif %}"
+    "{% for m in messages %}"
+    "{% if m.role == 'tool' %}<|im_start|>user\n<tool_response>\n{{ m.content }}\n</tool_response><|im_end|>\n"
+    "{% elif m.role == 'assistant' and m.tool_calls %}<|im_start|>assistant\n{% for c in m.tool_calls %}"
+    "<tool_call>\n{\"name\": \"{{ c.function.name }}\", \"arguments\": {{ c.function.arguments | tojson }}}\n"
+    "</tool_call>{% endfor %}<|im_end|>\n"
+    "{% else %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)

@@ -9,16 +9,26 @@ reused/recomputed/fresh token counts.
 """
 from __future__ import annotations
 
-from typing import Any, AsyncIterator, Iterator, Optional, Sequence
+import json
+from operator import itemgetter
+from typing import Any, AsyncIterator, Callable, Iterator, Literal, Optional, Sequence, Union
 
 from langchain_core.callbacks import AsyncCallbackManagerForLLMRun, CallbackManagerForLLMRun
 from langchain_core.language_models import BaseChatModel, LangSmithParams
 from langchain_core.language_models.chat_models import agenerate_from_stream, generate_from_stream
-from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage, ChatMessage
+from langchain_core.language_models import LanguageModelInput
+from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage, ChatMessage, ToolMessage
+from langchain_core.output_parsers import JsonOutputKeyToolsParser, JsonOutputParser, PydanticOutputParser, \
+    PydanticToolsParser
 from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResult
+from langchain_core.runnables import Runnable, RunnableMap, RunnablePassthrough
+from langchain_core.tools import BaseTool
+from langchain_core.utils.function_calling import convert_to_json_schema, convert_to_openai_tool
+from langchain_core.utils.pydantic import is_basemodel_subclass
 
 from kvboost_rag import integration
 from kvboost_rag.streaming import TokenStream
+from kvboost_rag.tools import ToolTurn, prepare_tool_turn
 
 from ._base import KVBoostParams, response_metadata, usage_metadata
 from .documents import is_document_block
@@ -26,18 +36,11 @@ from .documents import is_document_block
 _MEDIA_BLOCKS = {"image", "image_url", "audio", "input_audio", "video", "file"}
 
 
-def message_to_engine(message: BaseMessage) -> dict:
-    """One LangChain message as an engine chat message (``{"role", "content"}``).
-
-    Text blocks become text; document-marked blocks become ``Segment.document``; non-text output
-    blocks of earlier AI turns (reasoning, tool calls) are dropped; media inputs are refused, since
-    the engine serves text-only models. Role and joining rules: :mod:`kvboost_rag.integration`.
-    """
-    role = message.role if isinstance(message, ChatMessage) else message.type
-    if isinstance(message.content, str):
-        return integration.engine_message(role, [message.content])
+def _text_parts(content: Any) -> list:
+    if isinstance(content, str):
+        return [content]
     parts: list = []
-    for block in message.content:
+    for block in content:
         if isinstance(block, str):
             parts.append(block)
         elif is_document_block(block):
@@ -46,7 +49,40 @@ def message_to_engine(message: BaseMessage) -> dict:
             parts.append(block.get("text", ""))
         elif isinstance(block, dict) and block.get("type") in _MEDIA_BLOCKS:
             integration.refuse_media("ChatKVBoost", block["type"])
-    return integration.engine_message(role, parts)
+    return parts
+
+
+def message_to_engine(message: BaseMessage) -> dict:
+    """One LangChain message as an engine chat message (``{"role", "content"}``, plus the tool
+    keys chat templates read).
+
+    Text blocks become text; document-marked blocks become ``Segment.document``; non-text output
+    blocks of earlier AI turns (reasoning, tool-use blocks) are dropped; media inputs are refused,
+    since the engine serves text-only models. An ``AIMessage``'s ``tool_calls`` are kept
+    (``{"id", "type": "function", "function": {"name", "arguments"}}``); a ``ToolMessage`` becomes a
+    ``"tool"`` turn with its ``tool_call_id`` and ``name``. Role and joining rules:
+    :mod:`kvboost_rag.integration`.
+    """
+    role = message.role if isinstance(message, ChatMessage) else message.type
+    out = integration.engine_message(role, _text_parts(message.content))
+    if isinstance(message, AIMessage) and message.tool_calls:
+        out["tool_calls"] = [{"id": c.get("id") or "", "type": "function",
+                              "function": {"name": c["name"], "arguments": c.get("args") or {}}}
+                             for c in message.tool_calls]
+    elif isinstance(message, ToolMessage):
+        out["tool_call_id"] = message.tool_call_id
+        if message.name:
+            out["name"] = message.name
+    return out
+
+
+def _lc_tool_calls(calls: Sequence[Any]) -> list[dict]:
+    return [{"name": c.name, "args": c.arguments, "id": c.id, "type": "tool_call"} for c in calls]
+
+
+def _lc_tool_call_chunks(calls: Sequence[Any]) -> list[dict]:
+    return [{"name": c.name, "args": json.dumps(c.arguments, ensure_ascii=False), "id": c.id, "index": i,
+             "type": "tool_call_chunk"} for i, c in enumerate(calls)]
 
 
 class ChatKVBoost(BaseChatModel, KVBoostParams):
@@ -85,19 +121,59 @@ class ChatKVBoost(BaseChatModel, KVBoostParams):
         return params
 
     # -- translation -------------------------------------------------------------------------
-    def _prepare(self, messages: Sequence[BaseMessage], stop: Optional[list[str]], kwargs: dict) -> TokenStream:
-        engine = self.load_engine()
-        # warmed documents pasted into text (stock chains) are detected by the engine
-        prompt = engine.chat_segments([message_to_engine(m) for m in messages])
-        return engine.stream(prompt, **self._generation_kwargs(stop, kwargs))
+    def _prepare(self, messages: Sequence[BaseMessage], stop: Optional[list[str]],
+                 kwargs: dict) -> tuple[TokenStream, Optional[ToolTurn]]:
+        """The engine stream of one call and, when tools are bound, how to read calls back.
 
-    def _chat_result(self, result: Any) -> ChatResult:
+        ``tools`` / ``tool_choice`` (from :meth:`bind_tools`): rendered by the chat template; a
+        forcing ``tool_choice`` decodes the call under a JSON-schema constraint.
+        ``response_format`` (``{"type": "json_object"}``, ``{"type": "json_schema", ...}``, a
+        JSON schema or a pydantic class): the answer is constrained to it."""
+        kwargs = dict(kwargs)
+        kwargs.pop("ls_structured_output_format", None)
+        tools = kwargs.pop("tools", None)
+        tool_choice = kwargs.pop("tool_choice", None)
+        kwargs.pop("parallel_tool_calls", None)
+        response_format = kwargs.pop("response_format", None)
+        engine = self.load_engine()
+        gen_kwargs = self._generation_kwargs(stop, kwargs)
+        constraint = integration.response_format_constraint(response_format, owner="ChatKVBoost")
+        engine_messages = [message_to_engine(m) for m in messages]
+        if tools:
+            if constraint is not None:
+                raise ValueError("ChatKVBoost: give tools or response_format, not both (with_structured_output "
+                                 "uses one of them)")
+            turn = prepare_tool_turn(engine, engine_messages, tools, tool_choice)
+            return engine.stream(turn.segments, **integration.constrained_kwargs(gen_kwargs, turn.constraint)), turn
+        if tool_choice not in (None, "auto", "none"):
+            raise ValueError(f"ChatKVBoost: tool_choice={tool_choice!r} without tools; bind them with bind_tools")
+        # warmed documents pasted into text (stock chains) are detected by the engine
+        prompt = engine.chat_segments(engine_messages)
+        return engine.stream(prompt, **integration.constrained_kwargs(gen_kwargs, constraint)), None
+
+    def _chat_result(self, result: Any, turn: Optional[ToolTurn] = None) -> ChatResult:
+        content, tool_calls = result.text, []
+        if turn is not None:
+            parsed = turn.finish(result.text, (result.extra or {}).get("json"))
+            content, tool_calls = parsed.content, _lc_tool_calls(parsed.tool_calls)
+        finish = "tool_calls" if tool_calls else result.finish_reason
+        metadata = response_metadata(result, self.model_label)
+        if tool_calls:
+            metadata["finish_reason"] = finish
         message = AIMessage(
-            content=result.text,
+            content=content,
+            tool_calls=tool_calls,
             usage_metadata=usage_metadata(result),
-            response_metadata=response_metadata(result, self.model_label),
+            response_metadata=metadata,
         )
-        return ChatResult(generations=[ChatGeneration(message=message, generation_info={"finish_reason": result.finish_reason})])
+        return ChatResult(generations=[ChatGeneration(message=message, generation_info={"finish_reason": finish})])
+
+    def _tool_chunk(self, result: Any, turn: ToolTurn) -> ChatGenerationChunk:
+        """With tools the answer is read whole (a call is only known once its text is complete):
+        one chunk with the content and the calls."""
+        parsed = turn.finish(result.text, (result.extra or {}).get("json"))
+        return ChatGenerationChunk(message=AIMessageChunk(content=parsed.content,
+                                                          tool_call_chunks=_lc_tool_call_chunks(parsed.tool_calls)))
 
     def _last_chunk(self, result: Any) -> ChatGenerationChunk:
         """Closing chunk: the only one carrying usage and metadata, so merging never duplicates them."""
@@ -116,24 +192,31 @@ class ChatKVBoost(BaseChatModel, KVBoostParams):
                   run_manager: Optional[CallbackManagerForLLMRun] = None, **kwargs: Any) -> ChatResult:
         if self.streaming:
             return generate_from_stream(self._stream(messages, stop, run_manager, **kwargs))
-        stream = self._prepare(messages, stop, kwargs)
+        stream, turn = self._prepare(messages, stop, kwargs)
         for delta in stream:
             if run_manager:
                 run_manager.on_llm_new_token(delta)
-        return self._chat_result(stream.result)
+        return self._chat_result(stream.result, turn)
 
     def _stream(self, messages: list[BaseMessage], stop: Optional[list[str]] = None,
                 run_manager: Optional[CallbackManagerForLLMRun] = None, **kwargs: Any) -> Iterator[ChatGenerationChunk]:
-        stream = self._prepare(messages, stop, kwargs)
+        stream, turn = self._prepare(messages, stop, kwargs)
         for delta in stream:
+            if turn is not None:
+                continue
             chunk = ChatGenerationChunk(message=AIMessageChunk(content=delta))
             if run_manager:
                 run_manager.on_llm_new_token(delta, chunk=chunk)
             yield chunk
+        if turn is not None:
+            chunk = self._tool_chunk(stream.result, turn)
+            if run_manager:
+                run_manager.on_llm_new_token(chunk.text, chunk=chunk)
+            yield chunk
         yield self._last_chunk(stream.result)
 
     # -- async: the engine runs in a worker thread, the event loop only awaits a queue ---------
-    async def _aprepare(self, messages, stop, kwargs) -> TokenStream:
+    async def _aprepare(self, messages, stop, kwargs) -> tuple[TokenStream, Optional[ToolTurn]]:
         await self.aload_engine()  # a lazy load takes seconds: keep it off the event loop
         return self._prepare(messages, stop, kwargs)
 
@@ -141,19 +224,96 @@ class ChatKVBoost(BaseChatModel, KVBoostParams):
                          run_manager: Optional[AsyncCallbackManagerForLLMRun] = None, **kwargs: Any) -> ChatResult:
         if self.streaming:
             return await agenerate_from_stream(self._astream(messages, stop, run_manager, **kwargs))
-        stream = await self._aprepare(messages, stop, kwargs)
+        stream, turn = await self._aprepare(messages, stop, kwargs)
         async for delta in stream:
             if run_manager:
                 await run_manager.on_llm_new_token(delta)
-        return self._chat_result(stream.result)
+        return self._chat_result(stream.result, turn)
 
     async def _astream(self, messages: list[BaseMessage], stop: Optional[list[str]] = None,
                        run_manager: Optional[AsyncCallbackManagerForLLMRun] = None,
                        **kwargs: Any) -> AsyncIterator[ChatGenerationChunk]:
-        stream = await self._aprepare(messages, stop, kwargs)
+        stream, turn = await self._aprepare(messages, stop, kwargs)
         async for delta in stream:
+            if turn is not None:
+                continue
             chunk = ChatGenerationChunk(message=AIMessageChunk(content=delta))
             if run_manager:
                 await run_manager.on_llm_new_token(delta, chunk=chunk)
             yield chunk
+        if turn is not None:
+            chunk = self._tool_chunk(stream.result, turn)
+            if run_manager:
+                await run_manager.on_llm_new_token(chunk.text, chunk=chunk)
+            yield chunk
         yield self._last_chunk(stream.result)
+
+    # -- tools and structured output -------------------------------------------------------------
+    def bind_tools(self, tools: Sequence[Union[dict[str, Any], type, Callable, BaseTool]], *,
+                   tool_choice: Optional[Union[dict, str, bool]] = None,
+                   **kwargs: Any) -> Runnable[LanguageModelInput, AIMessage]:
+        """Bind tools (dicts, pydantic classes, functions, ``BaseTool``) to the model.
+
+        The tools are rendered by the model's chat template, and calls are parsed back in its format
+        (Hermes ``<tool_call>`` tags for Qwen2.5-style templates, bare JSON for Llama 3.x) into
+        ``AIMessage.tool_calls``. ``tool_choice``: ``None`` / ``"auto"`` (the model decides),
+        ``"none"``, ``"any"`` / ``"required"`` / ``True`` (one call of some tool), a tool name or
+        ``{"type": "function", "function": {"name": ...}}`` (one call of that tool); a forced call
+        is decoded under a JSON-schema constraint, so it always parses. A model whose template has
+        no tool support raises :class:`kvboost_rag.errors.ToolsNotSupportedError` (naming the model)
+        when called. With tools bound, streaming yields the answer as one chunk at the end.
+        """
+        formatted = [convert_to_openai_tool(t) for t in tools]
+        if isinstance(tool_choice, str) and tool_choice not in ("auto", "none", "any", "required"):
+            names = [t["function"]["name"] for t in formatted]
+            if tool_choice not in names:
+                raise ValueError(f"tool_choice {tool_choice!r} names no bound tool; tools: {names}")
+        return self.bind(tools=formatted, tool_choice=tool_choice, **kwargs)
+
+    def with_structured_output(self, schema: Union[dict, type], *,
+                               method: Literal["json_schema", "function_calling", "json_mode"] = "json_schema",
+                               include_raw: bool = False, strict: Optional[bool] = None,
+                               **kwargs: Any) -> Runnable[LanguageModelInput, Union[dict, Any]]:
+        """A runnable whose output is an instance of ``schema`` (pydantic class -> instance;
+        TypedDict / JSON schema -> dict). Every method decodes under a constraint, so the output
+        always parses (``max_tokens`` must leave room for the whole object, else
+        :class:`kvboost_rag.errors.StructuredOutputError`).
+
+        ``method``: ``"json_schema"`` (default; the answer is constrained to the schema, works with
+        every model), ``"json_mode"`` (the answer is constrained to some JSON object, then
+        validated against ``schema``; the prompt should describe the keys), ``"function_calling"``
+        (``schema`` is bound as a tool and its call forced; needs a chat template with tool support,
+        otherwise :class:`kvboost_rag.errors.ToolsNotSupportedError` is raised when called; there is
+        no silent fallback: use ``"json_schema"`` for such models, it gives the same guarantee).
+        ``strict`` is accepted for compatibility (decoding is always strict).
+        ``include_raw=True``: ``{"raw": AIMessage, "parsed": ..., "parsing_error": None | error}``.
+        """
+        if kwargs:
+            raise ValueError(f"ChatKVBoost.with_structured_output: unknown argument(s) {sorted(kwargs)}")
+        if schema is None:
+            raise ValueError("with_structured_output needs a schema")
+        is_pydantic = isinstance(schema, type) and is_basemodel_subclass(schema)
+        ls_format = {"schema": schema, "kwargs": {"method": method, "strict": strict}}
+        if method == "function_calling":
+            tool = convert_to_openai_tool(schema)
+            name = tool["function"]["name"]
+            llm = self.bind_tools([schema], tool_choice=name, ls_structured_output_format=ls_format)
+            parser: Runnable = (PydanticToolsParser(tools=[schema], first_tool_only=True) if is_pydantic
+                                else JsonOutputKeyToolsParser(key_name=name, first_tool_only=True))
+        elif method in ("json_schema", "json_mode"):
+            if method == "json_schema":
+                json_schema = convert_to_json_schema(schema)
+                response_format = {"type": "json_schema",
+                                   "json_schema": {"name": json_schema.get("title", "output"), "schema": json_schema}}
+            else:
+                response_format = {"type": "json_object"}
+            llm = self.bind(response_format=response_format, ls_structured_output_format=ls_format)
+            parser = PydanticOutputParser(pydantic_object=schema) if is_pydantic else JsonOutputParser()
+        else:
+            raise ValueError(f"method must be 'json_schema', 'function_calling' or 'json_mode', got {method!r}")
+        if not include_raw:
+            return llm | parser
+        parser_assign = RunnablePassthrough.assign(parsed=itemgetter("raw") | parser, parsing_error=lambda _: None)
+        parser_none = RunnablePassthrough.assign(parsed=lambda _: None)
+        with_fallback = parser_assign.with_fallbacks([parser_none], exception_key="parsing_error")
+        return RunnableMap(raw=llm) | with_fallback

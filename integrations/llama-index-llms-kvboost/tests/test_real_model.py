@@ -5,13 +5,11 @@ folder, or without the core's ``[examples]`` extra (FAISS, sentence-transformers
 """
 from __future__ import annotations
 
-import importlib
-import sys
 from pathlib import Path
 
 import pytest
 
-from kvboost_rag_bench.integration_testing import REAL_MODEL_SKIP
+from kvboost_rag_bench.integration_testing import REAL_MODEL_SKIP, load_example
 
 pytestmark = [pytest.mark.integration, pytest.mark.skipif(REAL_MODEL_SKIP is not None, reason=REAL_MODEL_SKIP or "")]
 
@@ -19,15 +17,7 @@ EXAMPLES = Path(__file__).resolve().parents[3] / "examples"  # repository root /
 
 
 def _example(name: str):
-    if not (EXAMPLES / f"{name}.py").is_file():
-        pytest.skip(f"the repository's examples/ folder is not here ({EXAMPLES})")
-    for module in ("faiss", "sentence_transformers", "llama_index.vector_stores.faiss"):
-        pytest.importorskip(module, reason="the example needs kvboost-rag[examples]")
-    sys.path.insert(0, str(EXAMPLES))
-    try:
-        return importlib.import_module(name)
-    finally:
-        sys.path.remove(str(EXAMPLES))
+    return load_example(name, EXAMPLES, ("faiss", "sentence_transformers", "llama_index.vector_stores.faiss"))
 
 
 def test_llamaindex_example(real_engine):

@@ -7,8 +7,6 @@ the core's ``[examples]`` extra (FAISS, sentence-transformers, the packaged Mini
 """
 from __future__ import annotations
 
-import importlib
-import sys
 from pathlib import Path
 
 import pytest
@@ -18,7 +16,7 @@ from langchain_core.prompts import ChatPromptTemplate
 from langchain_core.runnables import RunnableLambda
 
 from langchain_kvboost import ChatKVBoost, documents_to_message, warm_documents
-from kvboost_rag_bench.integration_testing import REAL_MODEL_SKIP
+from kvboost_rag_bench.integration_testing import REAL_MODEL_SKIP, load_example
 
 pytestmark = [pytest.mark.integration, pytest.mark.skipif(REAL_MODEL_SKIP is not None, reason=REAL_MODEL_SKIP or "")]
 
@@ -26,15 +24,7 @@ EXAMPLES = Path(__file__).resolve().parents[4] / "examples"  # repository root /
 
 
 def _example(name: str):
-    if not (EXAMPLES / f"{name}.py").is_file():
-        pytest.skip(f"the repository's examples/ folder is not here ({EXAMPLES})")
-    for module in ("faiss", "sentence_transformers", "langchain_community"):
-        pytest.importorskip(module, reason="the example needs kvboost-rag[examples]")
-    sys.path.insert(0, str(EXAMPLES))
-    try:
-        return importlib.import_module(name)
-    finally:
-        sys.path.remove(str(EXAMPLES))
+    return load_example(name, EXAMPLES, ("faiss", "sentence_transformers", "langchain_community"))
 
 
 def _check_rows(rows: list[dict]) -> None:

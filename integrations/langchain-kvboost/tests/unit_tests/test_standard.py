@@ -2,9 +2,9 @@
 
 Fast: checks construction, standard parameters and serialization hooks, not answer quality.
 The suite's ``api_key="test"`` is left out (a local model has none, and unknown constructor
-arguments are refused). Skipped features are declared through the suite's own flags: the model
-cannot switch models per call; tool calling / structured output follow the suite's defaults for a class without
-``bind_tools`` / ``with_structured_output`` overrides.
+arguments are refused). The tiny engine's tokenizer has a Hermes-style (Qwen2.5-like) chat template
+with tool support, so tool calling and structured output are enabled; the model cannot switch
+models per call.
 """
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from typing import Any
 from langchain_tests.unit_tests import ChatModelUnitTests
 
 from langchain_kvboost import ChatKVBoost
-from kvboost_rag_bench.integration_testing import shared_tiny_engine
+from kvboost_rag_bench.integration_testing import shared_tools_engine
 
 
 class TestChatKVBoostUnit(ChatModelUnitTests):
@@ -23,7 +23,7 @@ class TestChatKVBoostUnit(ChatModelUnitTests):
 
     @property
     def chat_model_params(self) -> dict[str, Any]:
-        return {"engine": shared_tiny_engine()}
+        return {"engine": shared_tools_engine()}
 
     @property
     def standard_chat_model_params(self) -> dict[str, Any]:
@@ -36,3 +36,23 @@ class TestChatKVBoostUnit(ChatModelUnitTests):
     @property
     def supports_model_override(self) -> bool:
         return False  # one loaded model per engine
+
+    @property
+    def has_tool_calling(self) -> bool:
+        return True
+
+    @property
+    def has_tool_choice(self) -> bool:
+        return True
+
+    @property
+    def has_structured_output(self) -> bool:
+        return True
+
+    @property
+    def structured_output_kwargs(self) -> dict:
+        return {"method": "json_schema"}
+
+    @property
+    def supports_json_mode(self) -> bool:
+        return True

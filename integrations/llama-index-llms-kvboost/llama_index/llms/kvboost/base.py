@@ -10,7 +10,8 @@ engines, in ``Response.metadata["kvboost"]`` (see :mod:`.telemetry`).
 """
 from __future__ import annotations
 
-from typing import Any, Optional, Sequence
+import json
+from typing import TYPE_CHECKING, Any, AsyncGenerator, Dict, Generator, List, Optional, Sequence, Type, Union
 
 from llama_index.core.base.llms.types import (
     AudioBlock,
@@ -27,16 +28,23 @@ from llama_index.core.base.llms.types import (
     LLMMetadata,
     MessageRole,
     TextBlock,
+    ToolCallBlock,
     VideoBlock,
 )
 from llama_index.core.bridge.pydantic import ConfigDict, Field, field_validator, model_validator
 from llama_index.core.llms.callbacks import llm_chat_callback, llm_completion_callback
-from llama_index.core.llms.custom import CustomLLM
+from llama_index.core.llms.function_calling import FunctionCallingLLM
+from llama_index.core.llms.llm import ToolSelection
 
 from kvboost_rag import integration
 from kvboost_rag.errors import InvalidConfigError
 from kvboost_rag.streaming import TokenStream
+from kvboost_rag.tools import ToolTurn, prepare_tool_turn, supports_tools
 from llama_index.llms.kvboost.telemetry import current_sinks, deliver, install_response_metadata
+
+if TYPE_CHECKING:
+    from llama_index.core.prompts import BasePromptTemplate
+    from llama_index.core.tools.types import BaseTool
 
 install_response_metadata()  # query engine responses carry the telemetry (Response.metadata["kvboost"])
 
@@ -51,19 +59,40 @@ def message_to_engine(message: ChatMessage) -> dict:
     """One LlamaIndex message as an engine chat message.
 
     Blocks are concatenated in order: ``TextBlock`` as text, ``CitableBlock`` as one document
-    segment (its text blocks); thinking/tool blocks of earlier turns are dropped; media blocks are
-    refused (the engine serves text-only models). Role and joining rules:
-    :mod:`kvboost_rag.integration`.
+    segment (its text blocks); thinking blocks of earlier turns are dropped; media blocks are
+    refused (the engine serves text-only models). Tool use: an assistant turn's calls
+    (``ToolCallBlock`` blocks, or OpenAI-style ``additional_kwargs["tool_calls"]``) are kept as the
+    message's ``tool_calls``; a ``tool`` turn keeps ``additional_kwargs["tool_call_id"]`` / ``name``.
+    Role and joining rules: :mod:`kvboost_rag.integration`.
     """
     parts: list = []
+    calls: list = []
     for block in message.blocks:
         if isinstance(block, TextBlock):
             parts.append(block.text)
         elif isinstance(block, CitableBlock):
             parts.append(integration.document_part("".join(b.text for b in block.content if isinstance(b, TextBlock))))
+        elif isinstance(block, ToolCallBlock):
+            calls.append({"id": block.tool_call_id or "", "name": block.tool_name, "arguments": block.tool_kwargs})
         elif isinstance(block, _MEDIA):
             integration.refuse_media("KVBoostLLM", type(block).__name__)
-    return integration.engine_message(message.role, parts)
+    out = integration.engine_message(message.role, parts)
+    calls = calls or list(message.additional_kwargs.get("tool_calls") or [])
+    if calls:
+        out["tool_calls"] = calls
+    for key in ("tool_call_id", "name"):
+        if isinstance(message.additional_kwargs.get(key), str):
+            out[key] = message.additional_kwargs[key]
+    return out
+
+
+def _tool_call_message(content: str, calls: Sequence[Any]) -> ChatMessage:
+    """An assistant message with its tool calls as ``ToolCallBlock`` blocks and, for code reading
+    the OpenAI form, in ``additional_kwargs["tool_calls"]``."""
+    blocks: list = [TextBlock(text=content)] if content else []
+    blocks += [ToolCallBlock(tool_call_id=c.id, tool_name=c.name, tool_kwargs=c.arguments) for c in calls]
+    return ChatMessage(role=MessageRole.ASSISTANT, blocks=blocks,
+                       additional_kwargs={"tool_calls": [c.to_openai() for c in calls]} if calls else {})
 
 
 def telemetry(result: Any, model_name: str) -> dict:
@@ -71,7 +100,7 @@ def telemetry(result: Any, model_name: str) -> dict:
     return integration.telemetry(result, model_name)
 
 
-class KVBoostLLM(integration.EngineHolder, CustomLLM):
+class KVBoostLLM(integration.EngineHolder, FunctionCallingLLM):
     """LlamaIndex LLM over a local model with pre-encoded document KV reused.
 
     Build lazily from a model (``KVBoostLLM(model_id=None)`` is the engine default, SmolLM2) or
@@ -81,6 +110,13 @@ class KVBoostLLM(integration.EngineHolder, CustomLLM):
     constructor or call arguments are an error. Telemetry (TTFT, reused / recomputed / fresh
     tokens, documents reused) is in ``additional_kwargs`` of every final response and, for query
     engines, in ``Response.metadata["kvboost"]``.
+
+    Function calling (``chat_with_tools``, ``FunctionAgent``): tools are rendered by the model's
+    chat template and calls parsed back in its format (``metadata.is_function_calling_model`` is
+    True only when the template supports tools); ``tool_required=True`` or a forcing
+    ``tool_choice`` decodes the call under a JSON-schema constraint, so it always parses.
+    ``structured_predict`` / ``as_structured_llm`` decode the answer under the output class's JSON
+    schema (constrained decoding), whatever the model.
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -130,7 +166,8 @@ class KVBoostLLM(integration.EngineHolder, CustomLLM):
         # PromptHelper packs context from these numbers, so the real window is needed: load.
         context_window = self.context_window or int(self.load_engine().context_window)
         return LLMMetadata(context_window=context_window, num_output=self.max_new_tokens,
-                           is_chat_model=True, model_name=self.model_label)
+                           is_chat_model=True, model_name=self.model_label,
+                           is_function_calling_model=supports_tools(self.load_engine().tokenizer))
 
     # -- translation ---------------------------------------------------------------------------
     def _gen_kwargs(self, kwargs: dict) -> dict:
@@ -142,11 +179,29 @@ class KVBoostLLM(integration.EngineHolder, CustomLLM):
     def _chat_stream(self, messages: Sequence[ChatMessage], kwargs: dict) -> tuple[TokenStream, tuple]:
         """The engine stream of one chat call (nothing runs until it is iterated) and the query
         engine responses its telemetry goes to (:mod:`.telemetry`), captured now: a streamed
-        answer finishes after the synthesizer has returned."""
+        answer finishes after the synthesizer has returned. The stream carries ``tool_turn`` (a
+        :class:`~kvboost_rag.tools.ToolTurn` or None): ``tools`` / ``tool_choice`` in ``kwargs``
+        (from :meth:`_prepare_chat_with_tools`) render tools; ``response_format`` (a pydantic
+        class, a JSON schema, ``{"type": "json_object"}``...) constrains the answer."""
+        kwargs = dict(kwargs)
+        tools = kwargs.pop("tools", None)
+        tool_choice = kwargs.pop("tool_choice", None)
+        constraint = integration.response_format_constraint(kwargs.pop("response_format", None), owner="KVBoostLLM")
         engine = self.load_engine()
-        # warmed documents pasted into text (stock synthesizers) are detected by the engine
-        prompt = engine.chat_segments([message_to_engine(m) for m in messages])
-        return engine.stream(prompt, **self._gen_kwargs(kwargs)), current_sinks()
+        gen_kwargs = self._gen_kwargs(kwargs)
+        engine_messages = [message_to_engine(m) for m in messages]
+        turn: Optional[ToolTurn] = None
+        if tools:
+            if constraint is not None:
+                raise ValueError("KVBoostLLM: give tools or response_format, not both")
+            turn = prepare_tool_turn(engine, engine_messages, tools, tool_choice)
+            prompt, constraint = turn.segments, turn.constraint
+        else:
+            # warmed documents pasted into text (stock synthesizers) are detected by the engine
+            prompt = engine.chat_segments(engine_messages)
+        stream = engine.stream(prompt, **integration.constrained_kwargs(gen_kwargs, constraint))
+        stream.tool_turn = turn
+        return stream, current_sinks()
 
     def _completion_stream(self, prompt: str, formatted: bool, kwargs: dict) -> tuple[TokenStream, tuple]:
         """``formatted=True`` sends the prompt as is; otherwise it is one user turn of the chat template."""
@@ -172,10 +227,15 @@ class KVBoostLLM(integration.EngineHolder, CustomLLM):
         return CompletionResponse(text=result.text, additional_kwargs=self._finish(result, sinks))
 
     def _chat(self, call: tuple[TokenStream, tuple]) -> ChatResponse:
-        return self._to_chat(self._completion(call))
+        response = self._completion(call)
+        return self._to_chat(response, getattr(call[0], "tool_turn", None), call[0].result)
 
     @staticmethod
-    def _to_chat(response: CompletionResponse) -> ChatResponse:
+    def _to_chat(response: CompletionResponse, turn: Optional[ToolTurn] = None, result: Any = None) -> ChatResponse:
+        if turn is not None and result is not None:
+            parsed = turn.finish(result.text, (result.extra or {}).get("json"))
+            return ChatResponse(message=_tool_call_message(parsed.content, parsed.tool_calls),
+                                delta=response.delta, additional_kwargs=response.additional_kwargs)
         return ChatResponse(message=ChatMessage(role=MessageRole.ASSISTANT, content=response.text),
                             delta=response.delta, additional_kwargs=response.additional_kwargs)
 
@@ -228,10 +288,14 @@ class KVBoostLLM(integration.EngineHolder, CustomLLM):
     @llm_chat_callback()
     def stream_chat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponseGen:
         call = self._chat_stream(messages, kwargs)  # now: arguments checked, telemetry target captured
+        turn = call[0].tool_turn
 
         def gen() -> ChatResponseGen:
             for response in self._stream_completion(call):
-                yield self._to_chat(response)
+                if turn is None:
+                    yield self._to_chat(response)
+                elif response.additional_kwargs:  # with tools: one response, once the calls are known
+                    yield self._to_chat(response, turn, call[0].result)
 
         return gen()
 
@@ -239,17 +303,107 @@ class KVBoostLLM(integration.EngineHolder, CustomLLM):
     async def achat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponse:
         await self._ensure_loaded()
         response = None
-        async for response in self._astream_completion(self._chat_stream(messages, kwargs)):
+        call = self._chat_stream(messages, kwargs)
+        async for response in self._astream_completion(call):
             pass
-        return self._to_chat(CompletionResponse(text=response.text, additional_kwargs=response.additional_kwargs))
+        return self._to_chat(CompletionResponse(text=response.text, additional_kwargs=response.additional_kwargs),
+                             call[0].tool_turn, call[0].result)
 
     @llm_chat_callback()
     async def astream_chat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponseAsyncGen:
         await self._ensure_loaded()
         call = self._chat_stream(messages, kwargs)
+        turn = call[0].tool_turn
 
         async def gen() -> ChatResponseAsyncGen:
             async for response in self._astream_completion(call):
-                yield self._to_chat(response)
+                if turn is None:
+                    yield self._to_chat(response)
+                elif response.additional_kwargs:  # with tools: one response, once the calls are known
+                    yield self._to_chat(response, turn, call[0].result)
+
+        return gen()
+
+    # -- function calling ----------------------------------------------------------------------
+    def _prepare_chat_with_tools(self, tools: Sequence["BaseTool"], user_msg: Optional[Union[str, ChatMessage]] = None,
+                                 chat_history: Optional[List[ChatMessage]] = None, verbose: bool = False,
+                                 allow_parallel_tool_calls: bool = False, tool_required: bool = False,
+                                 tool_choice: Any = None, **kwargs: Any) -> Dict[str, Any]:
+        """``chat`` arguments for a turn with ``tools``: their OpenAI schemas, and ``tool_choice``
+        (a tool name / ``"required"`` / ``{"type": "function", ...}``; ``tool_required=True`` is
+        ``"required"``; default ``"auto"``). A forced call is constrained: it always parses."""
+        messages = list(chat_history or [])
+        if user_msg is not None:
+            messages.append(ChatMessage(role=MessageRole.USER, content=user_msg) if isinstance(user_msg, str)
+                            else user_msg)
+        specs = [t.metadata.to_openai_tool(skip_length_check=True) for t in tools]
+        if tool_choice is None:
+            tool_choice = "required" if tool_required else "auto"
+        return {"messages": messages, "tools": specs or None, "tool_choice": tool_choice if specs else None,
+                **kwargs}
+
+    def get_tool_calls_from_response(self, response: ChatResponse, error_on_no_tool_call: bool = True,
+                                     **kwargs: Any) -> List[ToolSelection]:
+        """The calls of a ``chat_with_tools`` answer (its ``ToolCallBlock`` blocks)."""
+        calls = [b for b in response.message.blocks if isinstance(b, ToolCallBlock)]
+        if not calls and error_on_no_tool_call:
+            raise ValueError(f"expected at least one tool call, got none: {response.message.content!r:.200}")
+        out = []
+        for c in calls:
+            args = c.tool_kwargs
+            if isinstance(args, str):
+                args = json.loads(args) if args.strip() else {}
+            out.append(ToolSelection(tool_id=c.tool_call_id or "", tool_name=c.tool_name, tool_kwargs=args))
+        return out
+
+    # -- structured output: constrained decoding to the output class's JSON schema ---------------
+    @staticmethod
+    def _structured_messages(prompt: "BasePromptTemplate", prompt_args: dict) -> list[ChatMessage]:
+        return prompt.format_messages(**prompt_args)
+
+    def _structured_kwargs(self, output_cls: type, llm_kwargs: Optional[Dict[str, Any]]) -> dict:
+        kwargs = dict(llm_kwargs or {})
+        for name in ("tools", "tool_choice", "tool_required"):
+            kwargs.pop(name, None)  # a program's function-calling options: the schema constraint replaces them
+        kwargs["response_format"] = output_cls
+        return kwargs
+
+    def structured_predict(self, output_cls: Type[Any], prompt: "BasePromptTemplate",
+                           llm_kwargs: Optional[Dict[str, Any]] = None, **prompt_args: Any) -> Any:
+        """An ``output_cls`` instance, decoded under its JSON schema (always parses; a budget
+        ``max_new_tokens`` too small for the object raises ``StructuredOutputError``)."""
+        response = self.chat(self._structured_messages(prompt, prompt_args),
+                             **self._structured_kwargs(output_cls, llm_kwargs))
+        return output_cls.model_validate_json(response.message.content)
+
+    async def astructured_predict(self, output_cls: Type[Any], prompt: "BasePromptTemplate",
+                                  llm_kwargs: Optional[Dict[str, Any]] = None, **prompt_args: Any) -> Any:
+        response = await self.achat(self._structured_messages(prompt, prompt_args),
+                                    **self._structured_kwargs(output_cls, llm_kwargs))
+        return output_cls.model_validate_json(response.message.content)
+
+    def stream_structured_predict(self, output_cls: Type[Any], prompt: "BasePromptTemplate",
+                                  llm_kwargs: Optional[Dict[str, Any]] = None,
+                                  **prompt_args: Any) -> Generator[Any, None, None]:
+        """Yields the ``output_cls`` instance once complete (a partial object of a constrained
+        answer is not validated on the way)."""
+        stream = self.stream_chat(self._structured_messages(prompt, prompt_args),
+                                  **self._structured_kwargs(output_cls, llm_kwargs))
+        last = None
+        for last in stream:
+            pass
+        yield output_cls.model_validate_json(last.message.content)
+
+    async def astream_structured_predict(self, output_cls: Type[Any], prompt: "BasePromptTemplate",
+                                         llm_kwargs: Optional[Dict[str, Any]] = None,
+                                         **prompt_args: Any) -> AsyncGenerator[Any, None]:
+        stream = await self.astream_chat(self._structured_messages(prompt, prompt_args),
+                                         **self._structured_kwargs(output_cls, llm_kwargs))
+
+        async def gen() -> AsyncGenerator[Any, None]:
+            last = None
+            async for last in stream:
+                pass
+            yield output_cls.model_validate_json(last.message.content)
 
         return gen()
