@@ -19,13 +19,6 @@ from kvboost_rag_bench.testing import DOCS, tiny_engine, tiny_model, tiny_tokeni
 
 
 @pytest.fixture(scope="module")
-def engine():
-    e = tiny_engine("llama")
-    e.warm(DOCS)
-    return e
-
-
-@pytest.fixture(scope="module")
 def tiny_model_dir(tmp_path_factory):
     path = tmp_path_factory.mktemp("tiny-model")
     torch.manual_seed(0)

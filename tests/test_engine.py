@@ -14,13 +14,6 @@ from kvboost_rag.model import check_architecture, model_fingerprint
 from kvboost_rag_bench.testing import DOCS, tiny_config, tiny_engine, tiny_model, tiny_tokenizer
 
 
-@pytest.fixture(scope="module")
-def engine():
-    e = tiny_engine("llama")
-    e.warm(DOCS)
-    return e
-
-
 def explicit_prompt(order):
     return ([Segment.text("Context:\n")] + [s for i in order for s in (Segment.document(DOCS[i]), Segment.text("\n"))]
             + [Segment.text("Question: where is the Colosseum?\nAnswer:")])
