@@ -228,19 +228,31 @@ def test_recognition_is_conservative():
 
 
 def test_a_script_that_exits_while_a_document_is_queued_exits_cleanly(tmp_path):
-    """A daemon worker still inside torch at interpreter exit aborts the process (exit 134,
-    "terminate called without an active exception"); the atexit hook drops the queue and waits."""
+    """A daemon worker still encoding at interpreter exit is killed mid-write (or, inside torch,
+    aborts the process: exit 134, "terminate called without an active exception"). The atexit
+    hook waits for the document being encoded: the script exits 0 and its entry is on disk. The
+    encoding is slowed so that it is always still running when the script returns."""
     import subprocess
     import sys
 
+    store_dir = tmp_path / "kv"
     script = tmp_path / "one_answer.py"
     script.write_text(
-        "from kvboost_rag import Segment\n"
+        "import time\n"
+        "from kvboost_rag import DiskStore, Segment\n"
         "from kvboost_rag_bench.testing import DOCS, tiny_engine\n"
-        "engine = tiny_engine()\n"
-        "engine.generate([Segment.document(d) for d in DOCS[:3]] + ['Question?'], max_new_tokens=2)\n"
-        "assert engine.write_behind.stats()['queued'] >= 1\n"
+        f"engine = tiny_engine(store=DiskStore({str(store_dir)!r}))\n"
+        "encode = engine.encode_batch\n"
+        "def slow_encode(texts):\n"
+        "    time.sleep(2.0)\n"
+        "    return encode(texts)\n"
+        "engine.encode_batch = slow_encode\n"
+        "engine.generate([Segment.document(DOCS[0]), 'Question?'], max_new_tokens=2)\n"
+        "assert engine.write_behind.stats()['queued'] == 1\n"
         "print('answered')\n")
     out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     assert "answered" in out.stdout and "terminate called" not in out.stderr
+    from kvboost_rag import DiskStore
+
+    assert len(DiskStore(store_dir)) == 1, "the document being encoded at exit was lost"
