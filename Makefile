@@ -19,7 +19,7 @@ INTEGRATIONS := integrations/langchain-kvboost integrations/llama-index-llms-kvb
 
 .PHONY: setup demo test models test-models bench examples clean
 
-$(STAMP): pyproject.toml $(foreach d,$(INTEGRATIONS),$(d)/pyproject.toml)
+$(STAMP): pyproject.toml $(foreach d,$(INTEGRATIONS),$(d)/pyproject.toml $(d)/setup.py)
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	# CPU wheel of torch: any other torch requirement would pull GBs of CUDA packages.

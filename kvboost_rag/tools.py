@@ -26,7 +26,7 @@ from .errors import InvalidInputError, ToolsNotSupportedError
 
 __all__ = ["ToolCall", "ParsedToolCalls", "ToolChatResult", "normalize_tool", "normalize_tools", "supports_tools",
            "tool_call_style", "render_tools", "parse_tool_calls", "tool_call_schema", "tool_call_constraint",
-           "generate_tool_calls", "FORCED_CHOICES", "ToolTurn", "prepare_tool_turn", "forced_choice"]
+           "generate_tool_calls", "FORCED_CHOICES", "ToolTurn", "ToolCallStream", "prepare_tool_turn", "forced_choice"]
 
 # tool_choice values that force a call of some tool ("required" is OpenAI's name, "any" Anthropic's / LangChain's).
 FORCED_CHOICES = ("any", "required")
@@ -183,6 +183,7 @@ def render_tools(tokenizer, messages: Sequence[dict], tools: Sequence[Any], add_
 
 
 # ------------------------------------------------------------------ parsing
+_CALL_TAGS = ("<tool_call>", "</tool_call>")  # hermes style: a call's opening and closing tags
 _HERMES = re.compile(r"<tool_call>\s*(.*?)\s*(?:</tool_call>|\Z)", re.DOTALL)
 _FENCE = re.compile(r"^```(?:json)?\s*(.*?)\s*```$", re.DOTALL)
 
@@ -300,7 +301,8 @@ class ToolTurn:
     """A prepared assistant turn with tools: what to generate (``segments``, ``constraint``, or
     ``None`` when the model decides) and how to read the answer back (:meth:`finish`). The
     streaming form of :func:`generate_tool_calls`: pass ``segments`` and ``constraint`` to
-    ``engine.stream`` and call :meth:`finish` with the final text."""
+    ``engine.stream`` and call :meth:`finish` with the final text, or feed the deltas to
+    :meth:`stream` to get the text and the calls as they complete."""
 
     segments: list
     constraint: Any
@@ -319,6 +321,135 @@ class ToolTurn:
         if self.tool_choice == "none":
             return ParsedToolCalls([], text.strip())
         return parse_tool_calls(text, self.style)
+
+    def stream(self) -> "ToolCallStream":
+        """An incremental reader of this turn's answer (:class:`ToolCallStream`): text and calls as
+        the deltas arrive, adding up to what :meth:`finish` returns for the whole text."""
+        return ToolCallStream(self)
+
+
+class ToolCallStream:
+    """Incremental :meth:`ToolTurn.finish` for streaming: feed the answer's text deltas, get back
+    events as soon as they are known, in order: ``str`` (text outside tool calls, to stream as
+    content) and :class:`ToolCall` (a call, once its text is complete).
+
+    What the events add up to is what :meth:`ToolTurn.finish` returns for the whole text (the
+    text events joined equal its ``content``, stripped the same way; the calls, its
+    ``tool_calls``):
+
+    * hermes style (``<tool_call>{json}</tool_call>``): text streams as it comes; a call is emitted
+      when its closing tag arrives (an unclosed last block at :meth:`close`); a block that does not
+      parse as a call is text, as in :func:`parse_tool_calls`. A possible partial ``<tool_call>``
+      at the end of the text so far, and trailing whitespace, are held back until known.
+    * llama3 / json styles (a bare JSON call at the start): an answer whose first visible text can
+      open a call (``{``, ``<|python_tag|>``, a code fence) is read whole at :meth:`close`; any other
+      answer is text and streams as it comes.
+    * a forced ``tool_choice`` (the answer is the call's JSON): the call at :meth:`close`;
+      ``tool_choice="none"``: all text.
+    """
+
+    _OPENERS = ("{", "<|python_tag|>", "```")
+
+    def __init__(self, turn: "ToolTurn") -> None:
+        self.turn = turn
+        self._all: list[str] = []
+        self._pending = ""  # hermes: text not yet classified
+        self._in_block = False  # hermes: _pending starts with an opening tag
+        self._mode: Optional[str] = None  # json styles: None (undecided), "text" or "whole"
+        self._started = False  # some content was emitted (leading whitespace is dropped before)
+        self._held_ws = ""  # trailing whitespace, emitted only if more content follows
+        self._closed = False
+        self.tool_calls: list[ToolCall] = []
+
+    @property
+    def _all_text(self) -> str:
+        return "".join(self._all)
+
+    def _text(self, text: str) -> list:
+        """Content ``text``, stripped at the ends of the whole content as :func:`parse_tool_calls` does."""
+        combined = self._held_ws + text
+        if not self._started:
+            combined = combined.lstrip()
+        body = combined.rstrip()
+        self._held_ws = combined[len(body):]
+        if not body:
+            return []
+        self._started = True
+        return [body]
+
+    def _call(self, call: ToolCall) -> list:
+        self.tool_calls.append(call)
+        return [call]
+
+    def feed(self, delta: str) -> list:
+        """Events made known by the next text ``delta``."""
+        if self._closed:
+            raise InvalidInputError("ToolCallStream: feed() after close()")
+        self._all.append(delta)
+        turn = self.turn
+        if turn.forced:
+            return []
+        if turn.tool_choice == "none":
+            return self._text(delta)
+        if turn.style == "hermes":
+            self._pending += delta
+            return self._hermes()
+        if self._mode == "text":
+            return self._text(delta)
+        if self._mode is None:
+            head = self._all_text.lstrip()
+            if not head:
+                return []
+            if any(head.startswith(o) for o in self._OPENERS):
+                self._mode = "whole"
+            elif not any(o.startswith(head) for o in self._OPENERS):
+                self._mode = "text"
+                return self._text(self._all_text)
+        return []
+
+    def _hermes(self) -> list:
+        out: list = []
+        opener, closer = _CALL_TAGS
+        while True:
+            if not self._in_block:
+                i = self._pending.find(opener)
+                if i >= 0:
+                    out += self._text(self._pending[:i])
+                    self._pending, self._in_block = self._pending[i:], True
+                    continue
+                keep = next((k for k in range(min(len(opener) - 1, len(self._pending)), 0, -1)
+                             if self._pending.endswith(opener[:k])), 0)
+                cut = len(self._pending) - keep
+                out += self._text(self._pending[:cut])
+                self._pending = self._pending[cut:]
+                return out
+            j = self._pending.find(closer, len(opener))
+            if j < 0:
+                return out
+            block, self._pending = self._pending[:j + len(closer)], self._pending[j + len(closer):]
+            self._in_block = False
+            call = _as_call(_loads(block[len(opener):-len(closer)].strip()))
+            out += self._call(call) if call is not None else self._text(block)
+
+    def close(self, parsed_json: Any = None) -> list:
+        """The events left once the answer is complete (``parsed_json``: ``result.extra["json"]``
+        in forced mode). Trailing whitespace held back is dropped."""
+        if self._closed:
+            return []
+        self._closed = True
+        turn, out = self.turn, []
+        if turn.forced or (turn.style != "hermes" and turn.tool_choice != "none" and self._mode != "text"):
+            parsed = turn.finish(self._all_text, parsed_json)
+            for call in parsed.tool_calls:
+                out += self._call(call)
+            out += self._text(parsed.content)
+        elif turn.style == "hermes" and turn.tool_choice != "none":
+            opener = _CALL_TAGS[0]
+            call = _as_call(_loads(self._pending[len(opener):].strip())) if self._in_block else None
+            out += self._call(call) if call is not None else self._text(self._pending)
+            self._pending, self._in_block = "", False
+        self._held_ws = ""
+        return out
 
 
 def prepare_tool_turn(engine, messages: Sequence[dict], tools: Sequence[Any], tool_choice: Any = "auto") -> ToolTurn:

@@ -96,6 +96,25 @@ def test_blocked_attention_equals_dense_attention():
     assert (results[0].logits - results[1].logits).abs().max().item() <= 1e-5
 
 
+def test_block_plan_covers_every_query_once_and_never_costs_more_than_fixed_blocks():
+    from kvboost_rag.blend.attention import plan_blocks
+
+    torch.manual_seed(0)
+    for n, count, max_block in ((3000, 350, 128), (3000, 40, 128), (500, 499, 64), (50, 1, 128), (9, 9, 4)):
+        positions = sorted(torch.randperm(n)[:count].tolist())
+        blocks = plan_blocks(positions, max_block)
+        assert [i for b0, b1 in blocks for i in range(b0, b1)] == list(range(count))
+        assert all(0 < b1 - b0 <= max_block for b0, b1 in blocks)
+
+        def cost(bl):
+            return sum(1 + (b1 - b0) * (positions[b1 - 1] + 1) / 40960 for b0, b1 in bl)
+        fixed = [(i, min(i + max_block, count)) for i in range(0, count, max_block)]
+        assert cost(blocks) <= cost(fixed) + 1e-9
+    # queries bunched at the two ends of a long prompt: the early ones get their own block
+    positions = list(range(10, 26)) + list(range(2900, 3012))
+    assert plan_blocks(positions, 128)[0] == (0, 16)
+
+
 def test_selected_token_never_attends_to_a_later_position():
     """Planted case: garbage K/V at positions between two selected tokens of one block must not
     change the earlier token's output (a bottom-right aligned mask would let it see them)."""
@@ -120,8 +139,9 @@ def test_selected_token_never_attends_to_a_later_position():
 
 
 def test_probe_attention_with_scores_equals_the_fused_kernel_and_dense_probabilities():
-    """The probe path (one float32 QK product for output and scores) vs the fused kernel for the
-    outputs, and vs a dense softmax computed here for the scores, on scattered positions."""
+    """The probe path (the fused kernel for the outputs, a second QK product of the question rows
+    for the scores) vs the plain pass for the outputs, and vs a dense softmax computed here for the
+    scores, on scattered positions."""
     engine = tiny_engine("llama")
     model = engine.model
     n = 50
@@ -152,6 +172,32 @@ def test_probe_attention_with_scores_equals_the_fused_kernel_and_dense_probabili
     expected = torch.softmax(logits, dim=-1)[:, rows].sum(dim=(0, 1))
     assert torch.allclose(scores, expected, atol=1e-5)
     assert scores[positions[-1] + 1:].abs().max().item() == 0 and abs(scores.sum().item() - q.shape[1] * int(rows.sum())) < 1e-3
+
+
+def test_low_precision_probe_scores_match_the_float32_probe():
+    """bfloat16 takes the other probe path (fused kernel + a second product of the question rows
+    in bfloat16): its scores and outputs stay within bfloat16 rounding of the float32 path's."""
+    engine = tiny_engine("llama")
+    model = engine.model
+    n = 60
+    torch.manual_seed(4)
+    ids = torch.randint(5, 300, (n,))
+    layers, heads, dim = len(model.model.layers), model.config.num_key_value_heads, 16
+    keys, values = torch.randn(layers, heads, n, dim), torch.randn(layers, heads, n, dim)
+    positions = torch.tensor([3, 11, 12, 25, 40, 55, 56, 57, 58, 59])
+    rows = positions >= 55
+    results = []
+    for dtype in (torch.float32, torch.bfloat16):
+        m = model.to(dtype)
+        runner = _runner(m, ids, keys.to(dtype), values.to(dtype), block_size=4)
+        scores = torch.zeros(n)
+        out = runner.run(1, runner.embeddings[positions], runner.metadata(positions, scores, rows))
+        results.append((out.float(), scores))
+    model.to(torch.float32)
+    (out32, s32), (out16, s16) = results
+    assert s16.dtype == torch.float32 and abs(s16.sum().item() - s32.sum().item()) < 1e-2
+    assert (s16 - s32).abs().max().item() <= 0.05 * s32.abs().max().item()
+    assert (out16 - out32).abs().max().item() <= 0.05 * out32.abs().max().item()
 
 
 @pytest.mark.parametrize("selection", ["key", "value"])

@@ -82,3 +82,27 @@ def test_yarn_attention_scaling_is_not_applied_twice():
     k = torch.randn(1, 2, 4, 16)
     # a pure rotation preserves norms; applying the YaRN factor again would not
     assert torch.allclose(engine.rotator.rotate(k, 100).norm(dim=-1), k.norm(dim=-1), atol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("rotary_fraction", [1.0, 0.5])
+def test_low_precision_rotation_is_as_exact_as_the_dtype_allows(dtype, rotary_fraction):
+    """bfloat16/float16 keys rotate through one matmul (the fast path): the result is the exact
+    rotation rounded once, and channels past the rotary dimension pass through unchanged."""
+    model = tiny_model("llama")
+    inv = adapter_for(model).inv_freq(model)
+    inv = inv[: int(inv.numel() * rotary_fraction)]
+    rot = RopeRotator(inv)
+    torch.manual_seed(0)
+    k = torch.randn(2, 3, 50, 16).to(dtype)
+    for delta in (1, 37, -200, 4000):
+        exact = rot.rotate(k.double(), delta)            # the float path, in float64
+        fast = rot.rotate(k, delta)
+        assert fast.dtype == dtype
+        # each output channel mixes a channel and its rotary partner: the matrix entries and the
+        # result are rounded once each, so the error stays within eps times their magnitudes
+        half = rot.rotary_dim // 2
+        partner = torch.cat([k[..., half:rot.rotary_dim], k[..., :half], torch.zeros_like(k[..., rot.rotary_dim:])], -1)
+        bound = torch.finfo(dtype).eps * (k.double().abs() + partner.double().abs())
+        assert ((fast.double() - exact).abs() <= bound + 1e-6).all(), delta
+        assert torch.equal(fast[..., rot.rotary_dim:], k[..., rot.rotary_dim:])

@@ -28,7 +28,7 @@ from langchain_core.utils.pydantic import is_basemodel_subclass
 
 from kvboost_rag import integration
 from kvboost_rag.streaming import TokenStream
-from kvboost_rag.tools import ToolTurn, prepare_tool_turn
+from kvboost_rag.tools import ToolCallStream, ToolTurn, prepare_tool_turn
 
 from ._base import KVBoostParams, response_metadata, usage_metadata
 from .documents import is_document_block
@@ -80,9 +80,11 @@ def _lc_tool_calls(calls: Sequence[Any]) -> list[dict]:
     return [{"name": c.name, "args": c.arguments, "id": c.id, "type": "tool_call"} for c in calls]
 
 
-def _lc_tool_call_chunks(calls: Sequence[Any]) -> list[dict]:
-    return [{"name": c.name, "args": json.dumps(c.arguments, ensure_ascii=False), "id": c.id, "index": i,
-             "type": "tool_call_chunk"} for i, c in enumerate(calls)]
+def _lc_tool_call_chunk(call: Any, index: int) -> dict:
+    """One whole call as a LangChain ``ToolCallChunk`` (arguments as JSON text; ``index`` keeps the
+    calls of one answer apart when chunks are merged)."""
+    return {"name": call.name, "args": json.dumps(call.arguments, ensure_ascii=False), "id": call.id,
+            "index": index, "type": "tool_call_chunk"}
 
 
 class ChatKVBoost(BaseChatModel, KVBoostParams):
@@ -168,23 +170,50 @@ class ChatKVBoost(BaseChatModel, KVBoostParams):
         )
         return ChatResult(generations=[ChatGeneration(message=message, generation_info={"finish_reason": finish})])
 
-    def _tool_chunk(self, result: Any, turn: ToolTurn) -> ChatGenerationChunk:
-        """With tools the answer is read whole (a call is only known once its text is complete):
-        one chunk with the content and the calls."""
-        parsed = turn.finish(result.text, (result.extra or {}).get("json"))
-        return ChatGenerationChunk(message=AIMessageChunk(content=parsed.content,
-                                                          tool_call_chunks=_lc_tool_call_chunks(parsed.tool_calls)))
+    @staticmethod
+    def _reader(turn: Optional[ToolTurn]) -> Optional[ToolCallStream]:
+        return turn.stream() if turn is not None else None
 
-    def _last_chunk(self, result: Any) -> ChatGenerationChunk:
+    @staticmethod
+    def _event_chunks(reader: Optional[ToolCallStream], events: Sequence[Any]) -> list[ChatGenerationChunk]:
+        """Chunks of streamed events: text as ``content``; each complete tool call as a
+        ``tool_call_chunk`` (indexed in the answer's order), so the merged chunks' ``tool_calls``
+        are the calls the non-streaming answer has."""
+        out = []
+        for event in events:
+            if isinstance(event, str):
+                message = AIMessageChunk(content=event)
+            else:
+                index = next(i for i, c in enumerate(reader.tool_calls) if c is event)
+                message = AIMessageChunk(content="", tool_call_chunks=[_lc_tool_call_chunk(event, index)])
+            out.append(ChatGenerationChunk(message=message))
+        return out
+
+    def _delta_chunks(self, reader: Optional[ToolCallStream], delta: str) -> list[ChatGenerationChunk]:
+        if reader is None:
+            return [ChatGenerationChunk(message=AIMessageChunk(content=delta))]
+        return self._event_chunks(reader, reader.feed(delta))
+
+    def _closing_chunks(self, reader: Optional[ToolCallStream], result: Any) -> list[ChatGenerationChunk]:
+        """What is left once the answer is complete (an unclosed last call, a forced call, a bare
+        JSON call), then the closing chunk with usage and metadata."""
+        chunks = [] if reader is None else self._event_chunks(reader, reader.close((result.extra or {}).get("json")))
+        return chunks + [self._last_chunk(result, tool_calls=bool(reader is not None and reader.tool_calls))]
+
+    def _last_chunk(self, result: Any, tool_calls: bool = False) -> ChatGenerationChunk:
         """Closing chunk: the only one carrying usage and metadata, so merging never duplicates them."""
+        metadata = response_metadata(result, self.model_label)
+        finish = "tool_calls" if tool_calls else result.finish_reason
+        if tool_calls:
+            metadata["finish_reason"] = finish
         return ChatGenerationChunk(
             message=AIMessageChunk(
                 content="",
                 usage_metadata=usage_metadata(result),
-                response_metadata=response_metadata(result, self.model_label),
+                response_metadata=metadata,
                 chunk_position="last",
             ),
-            generation_info={"finish_reason": result.finish_reason},
+            generation_info={"finish_reason": finish},
         )
 
     # -- sync ----------------------------------------------------------------------------------
@@ -201,19 +230,18 @@ class ChatKVBoost(BaseChatModel, KVBoostParams):
     def _stream(self, messages: list[BaseMessage], stop: Optional[list[str]] = None,
                 run_manager: Optional[CallbackManagerForLLMRun] = None, **kwargs: Any) -> Iterator[ChatGenerationChunk]:
         stream, turn = self._prepare(messages, stop, kwargs)
+        reader = self._reader(turn)
         for delta in stream:
-            if turn is not None:
-                continue
-            chunk = ChatGenerationChunk(message=AIMessageChunk(content=delta))
-            if run_manager:
-                run_manager.on_llm_new_token(delta, chunk=chunk)
-            yield chunk
-        if turn is not None:
-            chunk = self._tool_chunk(stream.result, turn)
+            for chunk in self._delta_chunks(reader, delta):
+                if run_manager:
+                    run_manager.on_llm_new_token(chunk.text, chunk=chunk)
+                yield chunk
+        *rest, last = self._closing_chunks(reader, stream.result)
+        for chunk in rest:
             if run_manager:
                 run_manager.on_llm_new_token(chunk.text, chunk=chunk)
             yield chunk
-        yield self._last_chunk(stream.result)
+        yield last
 
     # -- async: the engine runs in a worker thread, the event loop only awaits a queue ---------
     async def _aprepare(self, messages, stop, kwargs) -> tuple[TokenStream, Optional[ToolTurn]]:
@@ -234,19 +262,18 @@ class ChatKVBoost(BaseChatModel, KVBoostParams):
                        run_manager: Optional[AsyncCallbackManagerForLLMRun] = None,
                        **kwargs: Any) -> AsyncIterator[ChatGenerationChunk]:
         stream, turn = await self._aprepare(messages, stop, kwargs)
+        reader = self._reader(turn)
         async for delta in stream:
-            if turn is not None:
-                continue
-            chunk = ChatGenerationChunk(message=AIMessageChunk(content=delta))
-            if run_manager:
-                await run_manager.on_llm_new_token(delta, chunk=chunk)
-            yield chunk
-        if turn is not None:
-            chunk = self._tool_chunk(stream.result, turn)
+            for chunk in self._delta_chunks(reader, delta):
+                if run_manager:
+                    await run_manager.on_llm_new_token(chunk.text, chunk=chunk)
+                yield chunk
+        *rest, last = self._closing_chunks(reader, stream.result)
+        for chunk in rest:
             if run_manager:
                 await run_manager.on_llm_new_token(chunk.text, chunk=chunk)
             yield chunk
-        yield self._last_chunk(stream.result)
+        yield last
 
     # -- tools and structured output -------------------------------------------------------------
     def bind_tools(self, tools: Sequence[Union[dict[str, Any], type, Callable, BaseTool]], *,
@@ -261,7 +288,10 @@ class ChatKVBoost(BaseChatModel, KVBoostParams):
         ``{"type": "function", "function": {"name": ...}}`` (one call of that tool); a forced call
         is decoded under a JSON-schema constraint, so it always parses. A model whose template has
         no tool support raises :class:`kvboost_rag.errors.ToolsNotSupportedError` (naming the model)
-        when called. With tools bound, streaming yields the answer as one chunk at the end.
+        when called. With tools bound, streaming yields text outside calls as it is decoded and
+        each call as a ``tool_call_chunk`` as soon as its text is complete (a Hermes
+        ``</tool_call>``; a forced call or a bare-JSON call at the end); the merged chunks'
+        ``tool_calls`` are the calls :meth:`invoke` would return.
         """
         formatted = [convert_to_openai_tool(t) for t in tools]
         if isinstance(tool_choice, str) and tool_choice not in ("auto", "none", "any", "required"):

@@ -11,6 +11,7 @@ from langchain_core.callbacks import AsyncCallbackManagerForLLMRun, CallbackMana
 from langchain_core.language_models import BaseLLM, LangSmithParams
 from langchain_core.outputs import Generation, GenerationChunk, LLMResult
 
+from kvboost_rag import integration
 from kvboost_rag.streaming import TokenStream
 
 from ._base import KVBoostParams, response_metadata, usage_metadata
@@ -21,7 +22,8 @@ class KVBoostLLM(BaseLLM, KVBoostParams):
 
     ``chat_template=True`` wraps each prompt as one user turn of the tokenizer's chat template,
     which instruction-tuned models answer far better than raw text; the default sends the prompt
-    as is (plain completion).
+    as is (plain completion). ``response_format`` (bound or per call) constrains the answer to JSON
+    / a JSON schema, so it always parses.
     """
 
     chat_template: bool = False
@@ -43,10 +45,19 @@ class KVBoostLLM(BaseLLM, KVBoostParams):
         return params
 
     def _prepare(self, prompt: str, stop: Optional[list[str]], kwargs: dict) -> TokenStream:
+        """The engine stream of one prompt. ``response_format`` (``.bind(response_format=...)`` or a
+        call argument; ``{"type": "json_object"}``, ``{"type": "json_schema", "json_schema":
+        {"schema": ...}}``, a JSON schema or a pydantic class) constrains the answer as in
+        :class:`ChatKVBoost` (:func:`kvboost_rag.integration.response_format_constraint`); an
+        unsupported value is an error."""
+        kwargs = dict(kwargs)
+        constraint = integration.response_format_constraint(kwargs.pop("response_format", None),
+                                                            owner=type(self).__name__)
+        gen_kwargs = self._generation_kwargs(stop, kwargs)
         engine = self.load_engine()
         if self.chat_template:
             prompt = engine.chat_segments([{"role": "user", "content": prompt}])
-        return engine.stream(prompt, **self._generation_kwargs(stop, kwargs))
+        return engine.stream(prompt, **integration.constrained_kwargs(gen_kwargs, constraint))
 
     def _generation(self, result: Any) -> Generation:
         info = response_metadata(result, self.model_label)

@@ -13,7 +13,7 @@ from pydantic import BaseModel, Field
 from kvboost_rag.errors import InvalidInputError, StructuredOutputError, ToolsNotSupportedError
 from kvboost_rag_bench.integration_testing import make_tiny_engine
 from kvboost_rag_bench.testing import DOCS
-from langchain_kvboost import ChatKVBoost, documents_to_message, warm_documents
+from langchain_kvboost import ChatKVBoost, KVBoostLLM, documents_to_message, warm_documents
 
 from kvboost_rag_bench.integration_testing import make_tools_engine
 
@@ -173,3 +173,118 @@ def test_document_kv_is_reused_under_tools_and_schemas(engine):
     raw = model.with_structured_output(City, include_raw=True).invoke([question])
     assert isinstance(raw["parsed"], City)
     assert raw["raw"].usage_metadata["input_token_details"]["cache_read"] > 0
+
+
+# ------------------------------------------------------------------ the text LLM (KVBoostLLM)
+def test_text_llm_honours_response_format(engine):
+    """KVBoostLLM constrains its answer to a bound or per-call ``response_format`` (the core's
+    :func:`kvboost_rag.integration.response_format_constraint`, as ChatKVBoost): every form parses."""
+    llm = KVBoostLLM(engine=engine, max_tokens=60)
+    schema = City.model_json_schema()
+    for fmt in ({"type": "json_schema", "json_schema": {"name": "City", "schema": schema}}, schema, City):
+        City.model_validate_json(llm.bind(response_format=fmt).invoke("a city"))
+    City.model_validate_json(llm.invoke("a city", response_format=City))  # a call argument
+    City.model_validate_json("".join(llm.bind(response_format=City).stream("a city")))
+    for text in llm.bind(response_format=City).batch(["a city", "another city"]):
+        City.model_validate_json(text)
+    City.model_validate_json(asyncio.run(llm.bind(response_format=City).ainvoke("a city")))
+    chat_llm = KVBoostLLM(engine=engine, max_tokens=60, chat_template=True)
+    City.model_validate_json(chat_llm.invoke("a city", response_format=City))
+    try:  # JSON mode: any object (random weights may run out of budget inside a string)
+        json.loads(llm.invoke("a city", response_format={"type": "json_object"}))
+    except StructuredOutputError as exc:
+        assert "ran out" in str(exc)
+    assert llm.invoke("a city", response_format={"type": "text"}) is not None  # plain text, no constraint
+
+
+def test_text_llm_refuses_what_it_cannot_honour(engine):
+    llm = KVBoostLLM(engine=engine, max_tokens=5)
+    with pytest.raises(InvalidInputError, match="unsupported response_format"):
+        llm.bind(response_format={"type": "xml"}).invoke("hi")
+    with pytest.raises(InvalidInputError, match="response_format must be"):
+        llm.invoke("hi", response_format=42)
+    with pytest.raises(InvalidInputError, match=r"unknown argument\(s\) \['tools'\]"):
+        llm.bind(tools=[WEATHER]).invoke("hi")  # no tool calling on the text LLM: never dropped silently
+    with pytest.raises(InvalidInputError, match=r"unknown argument\(s\) \['bogus'\]"):
+        llm.invoke("hi", response_format=City, bogus=1)
+
+
+# ------------------------------------------------------------------ streaming tool calls
+SCRIPT = ('Let me look. <tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call> and '
+          '<tool_call>\n{"name": "Add", "arguments": {"a": 1, "b": 2}}\n</tool_call>')
+
+
+class Script:
+    """Makes the engine's decode loop write ``text`` then EOS, whatever the random weights say (a
+    test seam at ``kvboost_rag.generate.sample_token``: the real engine, its token stream and
+    incremental detokenization all run). Tool-call ids count from 0 again on :meth:`reset`, so
+    two answers can be compared id for id."""
+
+    def __init__(self, engine, text: str, monkeypatch) -> None:
+        import itertools
+        import types
+
+        import kvboost_rag.generate as generate
+        import kvboost_rag.tools as tools
+
+        self.ids = engine.tokenizer.encode(text, add_special_tokens=False) + [engine.tokenizer.eos_token_id]
+        self._itertools = itertools
+        self.reset()
+        monkeypatch.setattr(generate, "sample_token", lambda logits, params, generator: self.ids[next(self._step)])
+        monkeypatch.setattr(tools, "uuid", types.SimpleNamespace(
+            uuid4=lambda: types.SimpleNamespace(hex=f"{next(self._call_ids):024d}")))
+
+    def reset(self) -> None:
+        self._step, self._call_ids = self._itertools.count(), self._itertools.count()
+
+
+def _merge(chunks):
+    import functools
+    import operator
+
+    return functools.reduce(operator.add, chunks)
+
+
+@pytest.mark.parametrize("mode", ["stream", "astream", "streaming=True"])
+def test_streamed_tool_calls_add_up_to_the_invoked_ones(engine, monkeypatch, mode):
+    script = Script(engine, SCRIPT, monkeypatch)
+    model = ChatKVBoost(engine=engine, max_tokens=200)
+    bound = model.bind_tools([Add, WEATHER])
+    invoked = bound.invoke("weather in Paris, and 1 + 2?")
+    assert [(c["name"], c["args"]) for c in invoked.tool_calls] == [("get_weather", {"city": "Paris"}),
+                                                                    ("Add", {"a": 1, "b": 2})]
+    assert invoked.content == "Let me look.  and"
+
+    script.reset()
+    if mode == "stream":
+        chunks = [c for c in bound.stream("weather in Paris, and 1 + 2?")]
+    elif mode == "astream":
+        async def collect():
+            return [c async for c in bound.astream("weather in Paris, and 1 + 2?")]
+        chunks = asyncio.run(collect())
+    else:  # invoke through the streaming path: LangChain merges the chunks itself
+        streaming = ChatKVBoost(engine=engine, max_tokens=200, streaming=True).bind_tools([Add, WEATHER])
+        chunks = [streaming.invoke("weather in Paris, and 1 + 2?")]
+    merged = chunks[0] if len(chunks) == 1 else _merge(chunks)
+    assert merged.tool_calls == invoked.tool_calls  # name, args and id
+    assert merged.content == invoked.content
+    assert merged.response_metadata["finish_reason"] == "tool_calls"
+    assert merged.usage_metadata["output_tokens"] == invoked.usage_metadata["output_tokens"]
+    if mode == "streaming=True":
+        return
+    # Text streams as decoded, and each call comes as soon as its block is closed, in order.
+    kinds = [("call", c.tool_call_chunks[0]["name"]) if c.tool_call_chunks else ("text", c.content)
+             for c in chunks if c.tool_call_chunks or c.content]
+    first, second = kinds.index(("call", "get_weather")), kinds.index(("call", "Add"))
+    assert first < second and "".join(k[1] for k in kinds[first + 1:second]) == "  and"
+    assert len([k for k in kinds[:first] if k[0] == "text"]) >= 2  # "Let me look." in several chunks
+    assert all(len(c.tool_call_chunks) <= 1 for c in chunks) and chunks[-1].chunk_position == "last"
+
+
+def test_streamed_text_without_calls_is_plain_content(engine, monkeypatch):
+    Script(engine, "No tool is needed here.", monkeypatch)
+    chunks = list(ChatKVBoost(engine=engine, max_tokens=50).bind_tools([Add]).stream("hi"))
+    merged = _merge(chunks)
+    assert merged.content == "No tool is needed here." and merged.tool_calls == []
+    assert len([c for c in chunks if c.content]) > 1
+    assert merged.response_metadata["finish_reason"] == "eos"
