@@ -35,6 +35,7 @@ from .structured import parse_constrained
 from .indexing import index_documents
 from .keys import ENCODING_VERSION, chunk_key
 from .model import check_architecture, load_model_and_tokenizer, model_fingerprint
+from .phases import phase
 from .prefill import Prefill, PrefillStats, as_cache, blended_prefill, check_stop, full_prefill
 from .rope import RopeRotator
 from .segments import (DocumentDetector, Prompt, Segment, TokenizedPrompt, normalize_segments, tokenize_segments,
@@ -229,8 +230,9 @@ class KVBoostEngine:
             n = len(tokenized)
             self._check_window(n, max_new_tokens)
             input_ids = torch.tensor(tokenized.input_ids, device=self.device)
-            found = (fetch_documents(self.store, tokenized, self.chunk_key, self.fingerprint)
-                     if strategy != "full" else [])
+            with phase("fetch"):
+                found = (fetch_documents(self.store, tokenized, self.chunk_key, self.fingerprint)
+                         if strategy != "full" else [])
             check_stop(should_stop, "after fetching the stored documents")
             stats = PrefillStats(prompt_tokens=n, strategy=strategy, documents=len(tokenized.documents),
                                  documents_reused=len(found),

@@ -19,6 +19,7 @@ from .blend import BlendConfig, BlendResult, blend
 from .chunk import KVChunk
 from .errors import GenerationCancelled
 from .hf_compat import output_cache
+from .phases import phase
 from .rope import RopeRotator
 
 ShouldStop = Optional[Callable[[], bool]]
@@ -110,7 +111,8 @@ def _blended_prefill(model, adapter, input_ids, documents, prefix, rotator, conf
     n = input_ids.shape[0]
     placed = list(documents) + ([(0, prefix)] if prefix is not None else [])
     dtype = model.get_input_embeddings().weight.dtype
-    keys, values, reused = assemble(n, placed, rotator, dtype, input_ids.device)
+    with phase("assemble"):
+        keys, values, reused = assemble(n, placed, rotator, dtype, input_ids.device)
     exact = None
     if prefix is not None:
         exact = torch.zeros(n, dtype=torch.bool, device=input_ids.device)

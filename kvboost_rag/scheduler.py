@@ -41,6 +41,74 @@ _IDLE_EXIT_S = 2.0       # the worker thread exits after this long with nothing 
 _POLL_S = 0.05           # how often a waiting consumer re-checks its own should_stop
 
 
+RAGGED_ATTENTION = "kvboost_ragged"
+_registered = False
+_register_lock = threading.Lock()
+
+
+def _ragged_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None,
+                      kvboost_rows: Optional[list[int]] = None, **kwargs):
+    """One decode step of a batch, attending each row over its own keys only.
+
+    Registered as the attention implementation :data:`RAGGED_ATTENTION`, used only for the
+    scheduler's batched steps of SDPA models. Row ``b`` (one query) runs the very SDPA call a
+    request alone runs at that step, over ``key[b, :, :kvboost_rows[b]]``: no padding is read
+    (a padded, masked call reads every row up to the longest and sums over the masked slots, so
+    its float results differ in the last bits from the request alone), and grouped-query heads are
+    not expanded. Anything else (no ``kvboost_rows``: another caller while the implementation is
+    switched; several queries; position bias, soft-capping, sliding windows, sinks) goes to
+    transformers' own SDPA path with the mask."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    if (kvboost_rows is None or query.shape[2] != 1 or len(kvboost_rows) != query.shape[0]
+            or any(kwargs.get(k) is not None for k in ("position_bias", "softcap", "sliding_window", "s_aux"))):
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      **kwargs)
+    groups = getattr(module, "num_key_value_groups", 1)
+    if groups > 1 and not _gqa_without_mask(key, value):
+        # the alone path packs the query heads instead: run exactly that path, row by row
+        outs = [sdpa_attention_forward(module, query[b:b + 1], key[b:b + 1, :, :n], value[b:b + 1, :, :n], None,
+                                       dropout=dropout, scaling=scaling, **kwargs)[0]
+                for b, n in enumerate(kvboost_rows)]
+        return torch.cat(outs), None
+    # What sdpa_attention_forward runs for one query without a mask (is_causal False, grouped heads
+    # through enable_gqa), minus its per-call Python: this path runs rows x layers times a step.
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    gqa = {"enable_gqa": True} if groups > 1 else {}
+    outs = [sdpa(query[b:b + 1], key[b:b + 1, :, :n], value[b:b + 1, :, :n], attn_mask=None, dropout_p=dropout,
+                 scale=scaling, is_causal=False, **gqa)
+            for b, n in enumerate(kvboost_rows)]
+    return torch.cat(outs).transpose(1, 2).contiguous(), None
+
+
+def _gqa_without_mask(key, value) -> bool:
+    """Whether transformers' SDPA path uses ``enable_gqa`` for a call without a mask."""
+    try:
+        from transformers.integrations.sdpa_attention import use_gqa_in_sdpa
+    except ImportError:  # pragma: no cover - other transformers versions: take the exact path
+        return False
+    return bool(use_gqa_in_sdpa(None, key, value))
+
+
+def _register_ragged() -> bool:
+    """Register :func:`_ragged_attention` with transformers (once); False if this version lacks
+    the interfaces (the batch then attends through the padded mask)."""
+    global _registered
+    with _register_lock:
+        if not _registered:
+            try:
+                from transformers import AttentionInterface
+                from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+            except ImportError:  # pragma: no cover - older transformers
+                return False
+            AttentionInterface.register(RAGGED_ATTENTION, _ragged_attention)
+            # a forward by another caller while a batched step has the implementation switched
+            # still gets SDPA's usual mask
+            AttentionMaskInterface.register(RAGGED_ATTENTION, sdpa_mask)
+            _registered = True
+    return True
+
+
 class _NoCache:
     """What :func:`decode` is handed as its cache: the real KV lives in the batch buffer."""
 
@@ -73,6 +141,7 @@ class BatchKV:
         self.keys: list[torch.Tensor] = []
         self.values: list[torch.Tensor] = []
         self.lengths: list[int] = []
+        self._mask: Optional[torch.Tensor] = None   # [slots, capacity] additive, kept up to date row by row
         self._rows = self._write = None
         self._kv_len = 0
 
@@ -100,7 +169,11 @@ class BatchKV:
                 nv[: self.size, :, :used].copy_(self.values[i][: self.size, :, :used])
             new_k.append(nk)
             new_v.append(nv)
-        self.keys, self.values = new_k, new_v
+        mask = new_k[0].new_full((slots, capacity), torch.finfo(new_k[0].dtype).min)
+        if self._mask is not None and self.size:
+            mask[: self.size, : self._mask.shape[1]].copy_(self._mask[: self.size])
+        self.keys, self.values, self._mask = new_k, new_v, mask
+        self._rows = None
 
     def add(self, keys: list[torch.Tensor], values: list[torch.Tensor], need: int, max_slots: int) -> int:
         """Copy one prompt's per-layer ``[1, heads, n, d]`` K/V into a new row with room for
@@ -116,7 +189,10 @@ class BatchKV:
         for i in range(len(keys)):
             self.keys[i][row, :, :n].copy_(keys[i][0])
             self.values[i][row, :, :n].copy_(values[i][0])
+        self._mask[row, :n] = 0
+        self._mask[row, n:] = torch.finfo(self._mask.dtype).min
         self.lengths.append(n)
+        self._rows = None
         return row
 
     def remove(self, row: int) -> Optional[int]:
@@ -128,22 +204,35 @@ class BatchKV:
             for k, v in zip(self.keys, self.values):
                 k[row, :, :n].copy_(k[last, :, :n])
                 v[row, :, :n].copy_(v[last, :, :n])
+            self._mask[row].copy_(self._mask[last])
             self.lengths[row] = n
             moved = last
         self.lengths.pop()
+        self._rows = None
         if not self.lengths:  # nothing left: give the memory back
-            self.keys, self.values = [], []
+            self.keys, self.values, self._mask = [], [], None
         return moved
 
     def step_inputs(self, dtype: torch.dtype, device) -> tuple[torch.Tensor, torch.Tensor]:
-        """Position ids ``[B, 1]`` and the additive mask ``[B, 1, 1, longest + 1]`` of the next step."""
-        lengths = torch.tensor(self.lengths, dtype=torch.long, device=device)
+        """Position ids ``[B, 1]`` and the additive mask ``[B, 1, 1, longest + 1]`` of the next step.
+
+        The mask is a view of a buffer kept up to date incrementally (a row is filled when it joins;
+        each step unmasks the one slot it writes), not rebuilt over the whole capacity per step."""
+        b = self.size
+        lengths = torch.tensor(self.lengths, dtype=torch.long, device=self._mask.device)
         self._kv_len = max(self.lengths) + 1
-        self._rows = torch.arange(self.size, device=device)
+        if self._rows is None or self._rows.numel() != b:
+            self._rows = torch.arange(b, device=self._mask.device)
         self._write = lengths
-        hidden = torch.arange(self._kv_len, device=device).unsqueeze(0) > lengths.unsqueeze(1)
-        mask = torch.zeros(hidden.shape, dtype=dtype, device=device).masked_fill_(hidden, torch.finfo(dtype).min)
-        return lengths.unsqueeze(1), mask[:, None, None, :]
+        self._mask[self._rows, lengths] = 0  # this step's own token
+        mask = self._mask[:b, : self._kv_len]
+        if mask.dtype != dtype or mask.device != torch.device(device):
+            mask = mask.to(device=device, dtype=dtype)
+        return lengths.unsqueeze(1).to(device), mask[:, None, None, :]
+
+    def valid_lengths(self) -> list[int]:
+        """Keys each row attends in the coming step (its tokens plus the one it writes)."""
+        return [n + 1 for n in self.lengths]
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
         k, v = self.keys[layer_idx], self.values[layer_idx]
@@ -159,6 +248,28 @@ class BatchKV:
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return max(self.lengths, default=0)
+
+
+def batched_step(model, kv: BatchKV, ids: torch.Tensor, ragged: bool = True):
+    """One forward for every row of ``kv``: row ``b`` feeds ``ids[b]`` at position ``kv.lengths[b]``
+    and its K/V land at that slot; then the lengths advance. SDPA models (with ``ragged``) attend
+    row by row over each row's own keys (:func:`_ragged_attention`), others through the padded
+    mask. Call it under ``torch.inference_mode()`` and the engine's lock."""
+    positions, mask = kv.step_inputs(kv.keys[0].dtype, ids.device)
+    config = model.config
+    previous = config._attn_implementation
+    extra = {}
+    if ragged and previous == "sdpa" and _register_ragged():
+        config._attn_implementation = RAGGED_ATTENTION  # restored below; other callers fall back to SDPA
+        extra["kvboost_rows"] = kv.valid_lengths()
+    try:
+        out = model(input_ids=ids, position_ids=positions, attention_mask=mask, **cache_kwargs(kv),
+                    use_cache=True, **extra)
+    finally:
+        if extra:
+            config._attn_implementation = previous
+    kv.advance()
+    return out
 
 
 class Request:
@@ -204,6 +315,9 @@ class Scheduler:
         self._worker: Optional[threading.Thread] = None
         self._token_bytes = 0
         self.stats = collections.Counter()
+        # Batched steps of SDPA models attend row by row over each row's own keys (see
+        # _ragged_attention): the same float results as each request alone, and no padding read.
+        self.ragged = _register_ragged()
 
     # ------------------------------------------------------------------ caller side
     def submit(self, request: Request) -> None:
@@ -345,13 +459,9 @@ class Scheduler:
             return
         engine = self.engine
         device = engine.device
-        dtype = self.kv.keys[0].dtype
         with engine._lock, torch.inference_mode():
-            positions, mask = self.kv.step_inputs(dtype, device)
             ids = torch.tensor([[r.token] for r in self._active], device=device)
-            out = engine.model(input_ids=ids, position_ids=positions, attention_mask=mask,
-                               **cache_kwargs(self.kv), use_cache=True)
-            self.kv.advance()
+            out = batched_step(engine.model, self.kv, ids, ragged=self.ragged)
         logits = out.logits[:, -1]
         self.stats["steps"] += 1
         self.stats["row_steps"] += len(self._active)
@@ -392,4 +502,4 @@ class Scheduler:
                     "active": len(self._active), "reserved_kv_bytes": self._reserved_bytes()}
 
 
-__all__ = ["Scheduler", "BatchKV", "Request", "supports", "SchedulerFullError", "KVBoostError"]
+__all__ = ["Scheduler", "BatchKV", "Request", "batched_step", "supports", "SchedulerFullError", "KVBoostError"]

@@ -407,3 +407,30 @@ def test_random_weights_disk_stores(tmp_path, flags, store):
     assert res["store"].startswith(store)
     assert res["methods"]["cacheblend@0.15"]["reused_fraction"] > 0
     assert list((tmp_path / "store").rglob("*.safetensors"))
+
+
+def test_profile_splits_each_prefill_by_phase_and_kind(tmp_path, capsys):
+    """--profile: every blend method's time splits into the core's named phases (the probe only
+    for the question-attention rule, none of them for a full prefill), by matmul/attention/other."""
+    _engine_available()
+    engine = tiny_bench_engine()
+    out = tmp_path / "p.json"
+    args = cli.build_parser().parse_args([
+        "--suite", "multihop", "--suite-size", "4", "--max-queries", "2", "--k", "2", "--ratios", "0,0.2",
+        "--answer-tokens", "2", "--no-fidelity", "--warmup", "0", "--no-plot", "--profile",
+        "--json", str(out), "--quiet"])
+    assert cli.run_from_args(args, engine=engine) == 0
+    prof = json.loads(out.read_text())["profile"]
+    assert set(prof) == {"full", "default", "reuse", "cacheblend@0.2"}
+    for name, res in prof.items():
+        assert res["ttft_median_s"] > 0 and res["profiled_ms"] > 0
+        for row in res["phases_ms"].values():
+            assert abs(row["total"] - row["matmul"] - row["attention"] - row["other"]) < 1e-6
+        assert abs(sum(r["total"] for r in res["phases_ms"].values()) - res["profiled_ms"]) < 1e-6
+    assert not {"probe", "selected_layers", "assemble"} & set(prof["full"]["phases_ms"])
+    assert prof["full"]["phases_ms"]["unphased"]["attention"] > 0     # the fused kernel, by op name
+    assert {"assemble", "probe", "selected_layers"} <= set(prof["default"]["phases_ms"])
+    assert "probe" not in prof["reuse"]["phases_ms"]                  # ratio 0 ranks nothing
+    assert prof["default"]["phases_ms"]["selected_layers"]["attention"] > 0
+    assert prof["default"]["phases_ms"]["selected_layers"]["matmul"] > 0
+    assert "selected_layers" in capsys.readouterr().out

@@ -24,6 +24,15 @@ def _runner(model, ids, keys, values, block_size):
     return LayerRunner(model, adapter_for(model), ids, keys, values, block_size)
 
 
+def _random_buffers(n: int, seed: int):
+    """A tiny llama model, ``n`` random prompt ids and random blend buffers (K, V) for it."""
+    model = tiny_engine("llama").model
+    torch.manual_seed(seed)
+    ids = torch.randint(5, 300, (n,))
+    shape = (len(model.model.layers), model.config.num_key_value_heads, n, model.config.head_dim)
+    return model, ids, torch.randn(shape), torch.randn(shape)
+
+
 def _max_kv_diff(a, b):
     return max(max((la.keys - lb.keys).abs().max().item(), (la.values - lb.values).abs().max().item())
                for la, lb in zip(a.cache.layers, b.cache.layers))
@@ -142,13 +151,8 @@ def test_probe_attention_with_scores_equals_the_fused_kernel_and_dense_probabili
     """The probe path (the fused kernel for the outputs, a second QK product of the question rows
     for the scores) vs the plain pass for the outputs, and vs a dense softmax computed here for the
     scores, on scattered positions."""
-    engine = tiny_engine("llama")
-    model = engine.model
-    n = 50
-    torch.manual_seed(3)
-    ids = torch.randint(5, 300, (n,))
-    layers, heads, dim = len(model.model.layers), model.config.num_key_value_heads, 16
-    keys, values = torch.randn(layers, heads, n, dim), torch.randn(layers, heads, n, dim)
+    model, ids, keys, values = _random_buffers(n := 50, seed=3)
+    heads, dim = model.config.num_key_value_heads, 16
     positions = torch.tensor([2, 9, 10, 17, 30, 31, 44, 45])
     rows = torch.tensor([False, True, False, True, True, False, True, True])
     runner = _runner(model, ids, keys.clone(), values.clone(), block_size=4)  # several query blocks
@@ -177,13 +181,7 @@ def test_probe_attention_with_scores_equals_the_fused_kernel_and_dense_probabili
 def test_low_precision_probe_scores_match_the_float32_probe():
     """bfloat16 takes the other probe path (fused kernel + a second product of the question rows
     in bfloat16): its scores and outputs stay within bfloat16 rounding of the float32 path's."""
-    engine = tiny_engine("llama")
-    model = engine.model
-    n = 60
-    torch.manual_seed(4)
-    ids = torch.randint(5, 300, (n,))
-    layers, heads, dim = len(model.model.layers), model.config.num_key_value_heads, 16
-    keys, values = torch.randn(layers, heads, n, dim), torch.randn(layers, heads, n, dim)
+    model, ids, keys, values = _random_buffers(n := 60, seed=4)
     positions = torch.tensor([3, 11, 12, 25, 40, 55, 56, 57, 58, 59])
     rows = positions >= 55
     results = []

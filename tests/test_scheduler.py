@@ -12,7 +12,8 @@ import torch
 from kvboost_rag import InvalidConfigError, Segment
 from kvboost_rag.errors import ContextWindowError, SchedulerFullError
 from kvboost_rag.hf_compat import cache_kwargs
-from kvboost_rag.scheduler import BatchKV
+from kvboost_rag.decode_cache import with_room
+from kvboost_rag.scheduler import RAGGED_ATTENTION, BatchKV, _ragged_attention, batched_step
 
 from kvboost_rag_bench.testing import DOCS, tiny_engine
 
@@ -150,8 +151,8 @@ def test_streams_deltas_and_cancel_one_without_disturbing_others(engines):
 
 def test_timeout_under_batching(engines):
     on, _ = engines
-    with pytest.raises(TimeoutError):
-        on.generate(_prompts(1)[0], max_new_tokens=1000, timeout=1e-4)
+    with pytest.raises(TimeoutError):  # 500 fits the window: the timeout is the only possible error
+        on.generate(_prompts(1)[0], max_new_tokens=500, timeout=1e-4)
 
 
 def test_a_failing_request_fails_alone(engines):
@@ -230,3 +231,146 @@ def test_config_is_checked():
     engine = tiny_engine(write_behind=False)
     with pytest.raises(Exception, match="list of prompts"):
         engine.generate_batch("one prompt")
+
+
+# ------------------------------------------------------------------ the ragged fast path (issue 14)
+def _alone_steps(engine, prompt, tokens):
+    """Teacher-forced logits of ``tokens`` fed one at a time, the way a request alone decodes
+    (generate.decode: the prefill's cache moved into in-place buffers, one forward per token)."""
+    pre = engine.prefill(prompt)
+    cache = with_room(pre.cache, len(tokens))
+    n, rows = len(pre.input_ids), []
+    for s, t in enumerate(tokens):
+        out = engine.model(input_ids=torch.tensor([[t]]), position_ids=torch.tensor([[n + s]]),
+                           **cache_kwargs(cache), use_cache=True)
+        rows.append(out.logits[0, -1])
+    return rows
+
+
+def _join(kv, engine, prompt, room, max_slots=8):
+    pre = engine.prefill(prompt)
+    layers = pre.cache.layers
+    return kv.add([l.keys for l in layers], [l.values for l in layers], len(pre.input_ids) + room, max_slots)
+
+
+@pytest.mark.parametrize("kind,overrides", [("llama", {}), ("qwen2", {}), ("llama", {"num_key_value_heads": 4})],
+                         ids=["llama-gqa", "qwen2-gqa", "llama-mha"])
+def test_ragged_step_is_bitwise_the_request_alone(kind, overrides):
+    """Continuous batching through batched_step: rows join (buffer grows, rows reallocated) and leave
+    (the last row moves into the hole) while others decode; every row's logits at every step are
+    exactly, bit for bit, those of its request decoding alone."""
+    import warnings
+
+    from kvboost_rag import KVBoostEngine
+    from kvboost_rag_bench.testing import tiny_model, tiny_tokenizer
+
+    tok = tiny_tokenizer()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = tiny_model(kind, vocab_size=len(tok), **overrides)
+    engine = KVBoostEngine(model, tok, write_behind=False)
+    engine.warm(DOCS)
+    prompts, steps = _prompts(5), 8
+    tokens = [[7 + 3 * i + j for j in range(steps)] for i in range(5)]
+    with torch.inference_mode():
+        alone = [_alone_steps(engine, p, t) for p, t in zip(prompts, tokens)]
+        kv, live, done = BatchKV(), [], {}  # live[b] = [request index, steps taken]
+        schedule = {0: [0, 1], 2: [2], 3: [3, 4]}  # step -> requests joining before it
+        for step in range(steps + 4):
+            for i in schedule.get(step, []):
+                assert _join(kv, engine, prompts[i], steps) == len(live)
+                live.append([i, 0])
+            if not live:
+                break
+            ids = torch.tensor([[tokens[i][s]] for i, s in live])
+            out = batched_step(engine.model, kv, ids)
+            assert engine.model.config._attn_implementation == "sdpa"  # switched back
+            for b, (i, s) in enumerate(live):
+                assert torch.equal(out.logits[b, -1], alone[i][s]), (step, i, s)
+                live[b][1] += 1
+                done[i] = s + 1
+            for b in reversed(range(len(live))):  # finished rows leave; the last row fills the hole
+                if live[b][1] == steps or (step == 4 and live[b][0] == 1):
+                    moved = kv.remove(b)
+                    if moved is not None:
+                        live[b] = live[moved]
+                    live.pop()
+    assert done == {0: steps, 1: 5, 2: steps, 3: steps, 4: steps}
+
+
+def test_incremental_mask_matches_a_rebuilt_one():
+    """The mask kept row by row (joins, leaves, steps, growth of rows and capacity) equals the
+    mask rebuilt from the lengths."""
+    g = torch.Generator().manual_seed(0)
+    kv = BatchKV()
+
+    def kv_of(n):
+        return [torch.randn(1, 2, n, 4, generator=g)], [torch.randn(1, 2, n, 4, generator=g)]
+
+    ops = [("add", 5, 9), ("step",), ("add", 3, 70), ("step",), ("add", 8, 12), ("add", 2, 5), ("step",),
+           ("remove", 1), ("step",), ("add", 100, 140), ("remove", 0), ("step",), ("remove", 2), ("step",)]
+    for op in ops:
+        if op[0] == "add":
+            kv.add(*kv_of(op[1]), op[2], 8)
+        elif op[0] == "remove":
+            kv.remove(op[1])
+        else:
+            lengths = list(kv.lengths)
+            pos, mask = kv.step_inputs(torch.float32, "cpu")
+            assert pos.flatten().tolist() == lengths
+            longest = max(lengths) + 1
+            ref = torch.zeros(len(lengths), longest)
+            for b, n in enumerate(lengths):
+                ref[b, n + 1:] = torch.finfo(torch.float32).min
+            assert torch.equal(mask[:, 0, 0], ref)
+            assert kv.valid_lengths() == [n + 1 for n in lengths]
+            kv.update(torch.zeros(len(lengths), 2, 1, 4), torch.zeros(len(lengths), 2, 1, 4), 0)
+            kv.advance()
+
+
+def test_ragged_attention_falls_back_for_other_callers(engines):
+    """While a batched step has the ragged implementation switched on, another caller's forward
+    (no per-row lengths: a prefill, several queries) runs transformers' SDPA with its usual mask."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    on, _ = engines
+    module = on.model.model.layers[0].self_attn
+    g = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(2, n, 5, 8, generator=g) for n in (4, 2, 2))
+    mask = torch.zeros(2, 1, 5, 5).masked_fill_(torch.ones(5, 5, dtype=torch.bool).triu(1), float("-inf"))
+    ref = sdpa_attention_forward(module, q, k, v, mask, scaling=0.3)[0]
+    assert torch.equal(_ragged_attention(module, q, k, v, mask, scaling=0.3)[0], ref)
+
+    prompt = _prompts(2)[1]
+    with torch.inference_mode():
+        expected = on.prefill(prompt, strategy="full").logits
+        config = on.model.config
+        config._attn_implementation = RAGGED_ATTENTION
+        try:
+            got = on.prefill(prompt, strategy="full").logits
+        finally:
+            config._attn_implementation = "sdpa"
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_eager_models_batch_through_the_padded_mask():
+    """Eager attention has no ragged path: the batch attends through the 4D mask, still
+    token-for-token the answers alone."""
+    import warnings
+
+    from kvboost_rag import KVBoostEngine
+    from kvboost_rag_bench.testing import tiny_model, tiny_tokenizer
+
+    tok = tiny_tokenizer()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        on = KVBoostEngine(tiny_model("llama", attn="eager", vocab_size=len(tok)), tok, write_behind=False,
+                           batching=True)
+        off = KVBoostEngine(tiny_model("llama", attn="eager", vocab_size=len(tok)), tok, write_behind=False)
+    on.warm(DOCS)
+    off.warm(DOCS)
+    prompts = _prompts(4)
+    batched = on.generate_batch(prompts, max_new_tokens=16)
+    for p, b in zip(prompts, batched):
+        assert b.token_ids == off.generate(p, max_new_tokens=16).token_ids
+    assert on.scheduler.snapshot()["max_batch_seen"] >= 2

@@ -64,6 +64,10 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
                    "prompt before measuring (default 1)")
     s.add_argument("--no-fidelity", dest="fidelity", action="store_false",
                    help="skip the teacher-forced top-1/KL pass (answers, accuracy and TTFT only; faster)")
+    s.add_argument("--profile", action="store_true",
+                   help="also profile each method's prefill over the prompts: time by phase (fetch, "
+                        "re-rotation/assembly, question probe, selected-token layers) and by kind "
+                        "(matmul, attention, other); CPU only")
     s.add_argument("--cold", action="store_true", help="fetch KV from a disk store (DiskStore), not memory")
     s.add_argument("--kv-bits", type=int, choices=(4, 8, 16), default=None,
                    help="store KV quantized (DiskStore kv_bits)")
@@ -145,6 +149,9 @@ def run_from_args(args, *, engine=None) -> int:
             log(args.quiet, f"[bench] no plots: {exc}")
             result["plots"] = []
     print(format_table(result))
+    if result.get("profile"):
+        from .profile import format_profile
+        print(format_profile(result["profile"]))
     if result.get("retrieval_recall_at_k") is not None:
         print(f"retrieval recall@{args.k} of the gold topic: {result['retrieval_recall_at_k']:.2f}")
     for p in result.get("plots", []):

@@ -158,3 +158,82 @@ def real_engine_fixture():
 @pytest.fixture
 def docs():
     return list(DOCS[:3])  # the tests expect three documents
+
+
+# ------------------------------------------------------------------------ fresh-virtualenv install
+_INSTALL_CHECK = """
+import importlib, json, sys
+from importlib import metadata
+import kvboost_rag
+module = importlib.import_module(sys.argv[1])
+exec(sys.argv[3])
+core = metadata.distribution("kvboost-rag")
+print(json.dumps({"version": module.__version__, "core_file": kvboost_rag.__file__,
+                  "direct": json.loads(core.read_text("direct_url.json") or "null"),
+                  "requires": metadata.requires(sys.argv[2]),
+                  "editable": json.loads(metadata.distribution(sys.argv[2]).read_text("direct_url.json"))
+                  .get("dir_info", {}).get("editable", False)}))
+"""
+
+
+def check_fresh_install(dist: "os.PathLike", tmp_path: "os.PathLike", *, distribution: str, module: str,
+                        extra_check: str = "") -> dict:
+    """An integration distribution installs on its own into a fresh virtualenv (issue 13).
+
+    ``pip install torch==2.13.0 && pip install <dist>`` must pull the core (kvboost-rag, the
+    repository root, on no package index) in from the checkout; a release build
+    (``KVBOOST_RELEASE_BUILD=1``) must require the plain version range; the Makefile's order (core
+    editable first, then the integration editable) must keep the core editable. ``extra_check``:
+    Python run in the venv after importing ``module``. Returns the step timings (seconds)."""
+    import json
+    import subprocess
+    import sys
+    import zipfile
+    from pathlib import Path
+
+    dist, tmp_path = Path(dist), Path(tmp_path)
+    repo = dist.parents[1]
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV", "KVBOOST_RELEASE_BUILD")}
+    timings: dict = {}
+
+    def run(args, label, extra_env=None) -> str:
+        start = time.perf_counter()
+        proc = subprocess.run([str(a) for a in args], cwd=tmp_path, env={**env, **(extra_env or {})},
+                              capture_output=True, text=True, timeout=900)
+        timings[label] = round(time.perf_counter() - start, 1)
+        assert proc.returncode == 0, f"{label} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+        return proc.stdout
+
+    venv = tmp_path / "venv"
+    run([sys.executable, "-m", "venv", venv], "venv")
+    py = venv / "bin" / "python"
+    pip = [py, "-m", "pip", "install", "-q", "--disable-pip-version-check"]
+    run(pip + ["torch==2.13.0"], "torch")  # the CPU wheel, as the README says
+    check = [py, "-c", _INSTALL_CHECK, module, distribution, extra_check]
+
+    # A release build never carries a direct reference (PyPI refuses them).
+    run([py, "-m", "pip", "wheel", "-q", "--no-deps", "-w", tmp_path / "release", dist], "release wheel",
+        {"KVBOOST_RELEASE_BUILD": "1"})
+    (wheel,) = (tmp_path / "release").glob(distribution.replace("-", "_") + "-*.whl")
+    with zipfile.ZipFile(wheel) as zf:
+        meta = zf.read(next(n for n in zf.namelist() if n.endswith(".dist-info/METADATA"))).decode()
+    requires = [line.split(":", 1)[1].replace(" ", "") for line in meta.splitlines()
+                if line.startswith("Requires-Dist:")]
+    assert "kvboost-rag<0.2,>=0.1.0" in requires and not any("@" in r for r in requires)
+
+    # The issue's command: the core comes from this checkout.
+    run(pip + [dist], "install")
+    out = json.loads(run(check, "import"))
+    assert out["version"] == "0.1.0"
+    assert Path(out["core_file"]).is_relative_to(venv)  # installed into the venv, not found in the repo
+    assert out["direct"]["url"] == repo.as_uri() and not out["direct"].get("dir_info", {}).get("editable")
+    assert f"kvboost-rag@{repo.as_uri()}" in [r.replace(" ", "") for r in out["requires"]]
+
+    # The Makefile's order: the core editable, then the integration editable; the core stays editable.
+    run(pip + ["-e", repo], "core -e")
+    run(pip + ["-e", dist], "integration -e")
+    out = json.loads(run(check, "import -e"))
+    assert out["direct"]["url"] == repo.as_uri() and out["direct"]["dir_info"].get("editable") is True
+    assert Path(out["core_file"]).is_relative_to(repo) and out["editable"] is True
+    return timings

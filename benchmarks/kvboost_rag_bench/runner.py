@@ -477,6 +477,13 @@ def run_bench(args, *, engine=None) -> dict:
                              f"in {time.perf_counter() - t0:.1f}s: full {res['full']['ttft_s']:.3f}s, "
                              + ", ".join(f"{k} {v['ttft_s']:.3f}s" for k, v in res.items() if k != "full"))
 
+        profile = None
+        if getattr(args, "profile", False):
+            from .profile import profile_methods
+
+            profile = profile_methods(engine, prompts, methods)
+            log(args.quiet, "[bench] profiled the prefills")
+
         scaling = []
         if plot_docs:
             plot_methods = sweep_methods(args.plot_ratio)
@@ -515,6 +522,7 @@ def run_bench(args, *, engine=None) -> dict:
         "warm_report": _jsonable(warm),
         "methods": summarize(per_query, methods, has_gold=has_gold),
         "scaling": scaling,
+        "profile": profile,
         "per_query": [_strip_ids(q) for q in per_query],
     }
     return result

@@ -28,6 +28,7 @@ from typing import Optional
 import torch
 
 from ..adapters import ModelAdapter
+from ..phases import phase
 from .config import BlendConfig
 from .layers import LayerRunner
 from .selection import SELECTION_RULES, Selection, SelectionContext
@@ -81,6 +82,9 @@ def blend(model, adapter: ModelAdapter, input_ids: torch.Tensor, reused: torch.T
     else:
         selection = SELECTION_RULES[config.selection](ctx)
 
-    hidden = runner.run_layers(selection.first_layer, selection.hidden, runner.metadata(selection.positions))
+    with phase("selected_layers"):
+        hidden = runner.run_layers(selection.first_layer, selection.hidden, runner.metadata(selection.positions))
     recomputed = int(reused[selection.positions].sum())
-    return BlendResult(runner.logits(hidden[-1]), keys, values, recomputed, fresh_tokens, selection.positions)
+    with phase("logits"):
+        logits = runner.logits(hidden[-1])
+    return BlendResult(logits, keys, values, recomputed, fresh_tokens, selection.positions)

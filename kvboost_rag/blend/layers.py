@@ -13,6 +13,7 @@ from typing import Optional
 import torch
 
 from ..adapters import ModelAdapter
+from ..phases import phase
 from .attention import BlendMetadata, blended_attention
 
 
@@ -47,7 +48,8 @@ class LayerRunner:
         def attend(q, k, v):
             keys.index_copy_(1, positions, k[0].to(keys.dtype))
             values.index_copy_(1, positions, v[0].to(values.dtype))
-            return blended_attention(q, keys, values, scale, meta)
+            with phase("attention"):
+                return blended_attention(q, keys, values, scale, meta)
 
         return self.adapter.layer_forward(layer, hidden, self.cos[positions], self.sin[positions], attend)
 

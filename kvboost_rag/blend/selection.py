@@ -20,6 +20,7 @@ from typing import Callable
 
 import torch
 
+from ..phases import phase
 from .layers import LayerRunner
 
 
@@ -87,7 +88,8 @@ def question_attention(ctx: SelectionContext) -> Selection:
     Sink tokens stay out of the probe (about half its tokens): their stored KV serve the ranking
     as well as recomputed ones. On the benchmark's 20 prompts top-1 and KL were unchanged and
     TTFT ~6% lower."""
-    selected = ctx.choose(question_scores(ctx)[ctx.candidates])
+    with phase("probe"):
+        selected = ctx.choose(question_scores(ctx)[ctx.candidates])
     return Selection(selected, ctx.runner.embeddings[selected], 0)
 
 
