@@ -118,3 +118,143 @@ def test_document_kv_is_reused_under_tools_and_schemas(engine):
     structured = llm.chat([message], response_format=City)
     City.model_validate_json(structured.message.content)
     assert structured.additional_kwargs["reused_tokens"] > 0
+
+
+# ------------------------------------------------------------------ streaming tool calls
+SCRIPT = ('Let me look. <tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call> and '
+          '<tool_call>\n{"name": "add", "arguments": {"a": 1, "b": 2}}\n</tool_call>')
+
+
+class Script:
+    """Makes the engine's decode loop write each of ``texts`` in turn (one per generation, each
+    ended by EOS), whatever the random weights say: a test seam at
+    ``kvboost_rag.generate.sample_token``, so the real engine, its token stream and incremental
+    detokenization all run. Tool-call ids count from 0 again on :meth:`reset`, so two answers can
+    be compared id for id."""
+
+    def __init__(self, engine, monkeypatch, *texts: str) -> None:
+        import itertools
+        import types
+
+        import kvboost_rag.generate as generate
+        import kvboost_rag.tools as tools
+
+        tok = engine.tokenizer
+        self.ids = [i for t in texts for i in tok.encode(t, add_special_tokens=False) + [tok.eos_token_id]]
+        self._itertools = itertools
+        self.reset()
+        monkeypatch.setattr(generate, "sample_token", lambda logits, params, generator: self.ids[next(self._step)])
+        monkeypatch.setattr(tools, "uuid", types.SimpleNamespace(
+            uuid4=lambda: types.SimpleNamespace(hex=f"{next(self._call_ids):024d}")))
+
+    def reset(self) -> None:
+        self._step, self._call_ids = self._itertools.count(), self._itertools.count()
+
+
+def weather_tool() -> FunctionTool:
+    def get_weather(city: str) -> str:
+        """Weather in a city."""
+        return f"sunny in {city}"
+
+    return FunctionTool.from_defaults(fn=get_weather)
+
+
+def _collect(stream) -> list:
+    if hasattr(stream, "__aiter__"):
+        async def gather():
+            return [r async for r in stream]
+        return asyncio.run(gather())
+    return list(stream)
+
+
+def _selections(llm, response) -> list:
+    return [(s.tool_name, s.tool_kwargs, s.tool_id)
+            for s in llm.get_tool_calls_from_response(response, error_on_no_tool_call=False)]
+
+
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_streamed_tool_calls_arrive_incrementally_and_add_up_to_chat(engine, monkeypatch, mode):
+    script = Script(engine, monkeypatch, SCRIPT)
+    llm = KVBoostLLM(engine=engine, max_new_tokens=200)
+    tools = [weather_tool(), add_tool([])]
+    chat = llm.chat_with_tools(tools, user_msg="weather in Paris, and 1 + 2?")
+    expected = [("get_weather", {"city": "Paris"}, "call_" + "0" * 24),
+                ("add", {"a": 1, "b": 2}, "call_" + "0" * 23 + "1")]
+    assert _selections(llm, chat) == expected and chat.message.content == "Let me look.  and"
+
+    script.reset()
+    if mode == "sync":
+        responses = list(llm.stream_chat_with_tools(tools, user_msg="weather in Paris, and 1 + 2?"))
+    else:
+        responses = _collect(asyncio.run(llm.astream_chat_with_tools(tools, user_msg="weather in Paris, and 1 + 2?")))
+    last = responses[-1]
+    # The last response is chat()'s: same message (content, ToolCallBlocks, OpenAI tool_calls), same calls.
+    assert last.message == chat.message
+    assert _selections(llm, last) == expected
+    assert last.delta == "" and last.additional_kwargs["completion_tokens"] == chat.additional_kwargs["completion_tokens"]
+    # Each response carries the message so far: content = the deltas so far, and the calls so far.
+    text = ""
+    counts = []
+    for r in responses:
+        text += r.delta or ""
+        assert (r.message.content or "") == text
+        calls = _selections(llm, r)
+        assert calls == expected[:len(calls)]
+        assert [c["id"] for c in r.message.additional_kwargs.get("tool_calls", [])] == [c[2] for c in calls]
+        counts.append(len(calls))
+    assert counts == sorted(counts)
+    # Each call comes as soon as its block is closed, in order, before the end; text streams as decoded.
+    first, second = counts.index(1), counts.index(2)
+    assert first < second < len(responses) - 1
+    assert responses[first].delta == "" and responses[first].message.content == "Let me look."
+    assert "".join(r.delta for r in responses[first + 1:second + 1]) == "  and"
+    assert len([r for r in responses[:first] if r.delta]) >= 2  # "Let me look." in several responses
+
+
+def test_streamed_text_without_calls_is_unchanged(engine, monkeypatch):
+    script = Script(engine, monkeypatch, "No tool is needed here.")
+    llm = KVBoostLLM(engine=engine, max_new_tokens=50)
+    chat = llm.chat_with_tools([add_tool([])], user_msg="hi")
+    script.reset()
+    with_tools = list(llm.stream_chat_with_tools([add_tool([])], user_msg="hi"))
+    script.reset()
+    plain = list(llm.stream_chat([ChatMessage(role=MessageRole.USER, content="hi")]))
+    for responses in (with_tools, plain):
+        *body, last = responses
+        assert len(body) > 1 and all(r.delta for r in body)
+        text = ""
+        for r in body:
+            text += r.delta
+            assert r.message.content == text and not r.message.additional_kwargs and not r.additional_kwargs
+        assert last.delta == "" and last.message.content == "No tool is needed here."
+        assert last.additional_kwargs["completion_tokens"] > 0
+        assert _selections(llm, last) == []
+    assert with_tools[-1].message == chat.message
+    assert with_tools[-1].message.content == plain[-1].message.content
+
+
+def test_streaming_function_agent_sees_calls_as_they_complete(engine, monkeypatch):
+    from llama_index.core.agent.workflow import AgentStream, ToolCallResult
+
+    Script(engine, monkeypatch, SCRIPT, "It is sunny; 1 + 2 = 3.")
+    added: list = []
+    agent = FunctionAgent(tools=[weather_tool(), add_tool(added)], llm=KVBoostLLM(engine=engine, max_new_tokens=150),
+                          streaming=True)  # 150: the second turn's prompt (tools, calls, results) is long
+
+    async def run():
+        handler = agent.run("weather in Paris, and 1 + 2?")
+        events = [e async for e in handler.stream_events()]
+        return events, await handler
+
+    events, output = asyncio.run(run())
+    streamed = [e for e in events if isinstance(e, AgentStream)]
+    counts = [len(e.tool_calls) for e in streamed]
+    assert 1 in counts and counts.index(1) < counts.index(2)  # the first call is known before the second
+    first_turn = streamed[:counts.index(2) + 1]
+    assert [c.tool_name for c in first_turn[-1].tool_calls] == ["get_weather", "add"]
+    assert "".join(e.delta for e in first_turn) == "Let me look.  and"
+    results = sorted((e.tool_name, e.tool_kwargs, str(e.tool_output)) for e in events if isinstance(e, ToolCallResult))
+    assert results == [("add", {"a": 1, "b": 2}, "3"), ("get_weather", {"city": "Paris"}, "sunny in Paris")]
+    assert added == [(1, 2)]
+    assert str(output.response.content) == "It is sunny; 1 + 2 = 3."
+    assert any(e.delta for e in streamed[counts.index(2) + 1:])  # the final answer streams too

@@ -39,7 +39,7 @@ from llama_index.core.llms.llm import ToolSelection
 from kvboost_rag import integration
 from kvboost_rag.errors import InvalidConfigError
 from kvboost_rag.streaming import TokenStream
-from kvboost_rag.tools import ToolTurn, prepare_tool_turn, supports_tools
+from kvboost_rag.tools import ToolCallStream, ToolTurn, prepare_tool_turn, supports_tools
 from llama_index.llms.kvboost.telemetry import current_sinks, deliver, install_response_metadata
 
 if TYPE_CHECKING:
@@ -93,6 +93,49 @@ def _tool_call_message(content: str, calls: Sequence[Any]) -> ChatMessage:
     blocks += [ToolCallBlock(tool_call_id=c.id, tool_name=c.name, tool_kwargs=c.arguments) for c in calls]
     return ChatMessage(role=MessageRole.ASSISTANT, blocks=blocks,
                        additional_kwargs={"tool_calls": [c.to_openai() for c in calls]} if calls else {})
+
+
+class _StreamedChat:
+    """The streamed ``ChatResponse`` s of one chat answer, shared by ``stream_chat`` and
+    ``astream_chat`` (which only differ in how they iterate the engine's deltas).
+
+    As LlamaIndex function-calling LLMs stream: every response carries the message so far
+    (content and the complete tool calls so far, as ``ToolCallBlock`` blocks and in
+    ``additional_kwargs["tool_calls"]``) and its ``delta`` (the new content). With tools the
+    deltas go through :class:`~kvboost_rag.tools.ToolCallStream`: text outside call blocks
+    streams as decoded, each call comes in the response where its block completes. The closing
+    response (``delta=""``, telemetry in ``additional_kwargs``) has the message ``chat`` returns.
+    Without tools the message is the plain text so far, the closing one the engine's final text."""
+
+    def __init__(self, turn: Optional[ToolTurn]) -> None:
+        self.reader: Optional[ToolCallStream] = turn.stream() if turn is not None else None
+        self.content = ""
+
+    def _message(self) -> ChatMessage:
+        if self.reader is None:
+            return ChatMessage(role=MessageRole.ASSISTANT, content=self.content)
+        return _tool_call_message(self.content, self.reader.tool_calls)
+
+    def _responses(self, events: Sequence[Any]) -> list[ChatResponse]:
+        """One response per event: a text event is its ``delta``; a tool call has ``delta=""``."""
+        out = []
+        for event in events:
+            delta = event if isinstance(event, str) else ""
+            self.content += delta
+            out.append(ChatResponse(message=self._message(), delta=delta))
+        return out
+
+    def feed(self, delta: str) -> list[ChatResponse]:
+        """The responses made known by the engine's next text ``delta`` (maybe none)."""
+        return self._responses([delta] if self.reader is None else self.reader.feed(delta))
+
+    def close(self, result: Any, extra: dict) -> list[ChatResponse]:
+        """What is left once the answer is complete (an unclosed last call, a forced call, a bare
+        JSON call), then the closing response with the telemetry ``extra``."""
+        out = [] if self.reader is None else self._responses(self.reader.close((result.extra or {}).get("json")))
+        if self.reader is None:
+            self.content = result.text  # the engine's final text (stop sequences trimmed)
+        return out + [ChatResponse(message=self._message(), delta="", additional_kwargs=extra)]
 
 
 def telemetry(result: Any, model_name: str) -> dict:
@@ -287,15 +330,13 @@ class KVBoostLLM(integration.EngineHolder, FunctionCallingLLM):
 
     @llm_chat_callback()
     def stream_chat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponseGen:
-        call = self._chat_stream(messages, kwargs)  # now: arguments checked, telemetry target captured
-        turn = call[0].tool_turn
+        stream, sinks = self._chat_stream(messages, kwargs)  # now: arguments checked, telemetry target captured
 
         def gen() -> ChatResponseGen:
-            for response in self._stream_completion(call):
-                if turn is None:
-                    yield self._to_chat(response)
-                elif response.additional_kwargs:  # with tools: one response, once the calls are known
-                    yield self._to_chat(response, turn, call[0].result)
+            answer = _StreamedChat(stream.tool_turn)
+            for delta in stream:
+                yield from answer.feed(delta)
+            yield from answer.close(stream.result, self._finish(stream.result, sinks))
 
         return gen()
 
@@ -312,15 +353,15 @@ class KVBoostLLM(integration.EngineHolder, FunctionCallingLLM):
     @llm_chat_callback()
     async def astream_chat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponseAsyncGen:
         await self._ensure_loaded()
-        call = self._chat_stream(messages, kwargs)
-        turn = call[0].tool_turn
+        stream, sinks = self._chat_stream(messages, kwargs)
 
         async def gen() -> ChatResponseAsyncGen:
-            async for response in self._astream_completion(call):
-                if turn is None:
-                    yield self._to_chat(response)
-                elif response.additional_kwargs:  # with tools: one response, once the calls are known
-                    yield self._to_chat(response, turn, call[0].result)
+            answer = _StreamedChat(stream.tool_turn)
+            async for delta in stream:
+                for response in answer.feed(delta):
+                    yield response
+            for response in answer.close(stream.result, self._finish(stream.result, sinks)):
+                yield response
 
         return gen()
 
