@@ -73,6 +73,19 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
                    help="store KV quantized (DiskStore kv_bits)")
     s.add_argument("--store-dir", default=None, help="directory of the disk store (default: a temp dir)")
     s.add_argument("--seed", type=int, default=0)
+    c = p.add_argument_group("concurrency (issue 14: continuous batching)")
+    c.add_argument("--concurrency", metavar="LEVELS", default=None,
+                   help="instead of the TTFT/fidelity run: sequential answers (level 1, batching off, "
+                        "interleaved with the same prompts through the scheduler) against LEVELS concurrent "
+                        "requests, e.g. 1,2,4,8: output tokens/s, answers/s, TTFT p50/p95 under load, "
+                        "per-token latency, prefill share, answers identical to sequential; --max-queries "
+                        "prompts (default 8) of --k documents; with --random-weights, random tokens")
+    c.add_argument("--concurrency-tokens", type=int, default=128, metavar="N",
+                   help="new tokens per answer in the concurrency run (default 128)")
+    c.add_argument("--concurrency-rounds", type=int, default=1, metavar="N",
+                   help="repeat the concurrency sequence N times; medians reported (default 1)")
+    c.add_argument("--no-langchain", action="store_true",
+                   help="concurrency run: skip the same load through ChatKVBoost.abatch")
     o = p.add_argument_group("output")
     o.add_argument("--json", metavar="OUT.json", default=None, help="write the full results here")
     o.add_argument("--plot-dir", default=None, help="where to write PNG plots (default: beside --json, else bench_out/)")
@@ -99,6 +112,7 @@ examples:
   kvboost-rag bench --k 16 --ratios 0,0.15 --device cuda --dtype bfloat16 --no-plot
   kvboost-rag bench --cold --kv-bits 8                # KV fetched from a quantized disk store
   kvboost-rag bench --random-weights llama3-8b --device cuda   # speed only, no weights needed
+  kvboost-rag bench --concurrency 1,2,4,8 --json bench_out/concurrency.json   # batched decoding
 """
 
 
@@ -126,6 +140,8 @@ def run_from_args(args, *, engine=None) -> int:
             setattr(args, k, v)
     if args.k < 1:
         raise SystemExit("bench: --k must be >= 1")
+    if args.concurrency:
+        return _run_concurrency(args, engine)
     if args.warmup < 0 or args.repeats < 1 or args.answer_tokens < 1:
         raise SystemExit("bench: --warmup must be >= 0, --repeats and --answer-tokens >= 1")
     if not 0.0 <= args.plot_ratio <= 1.0:
@@ -156,6 +172,27 @@ def run_from_args(args, *, engine=None) -> int:
         print(f"retrieval recall@{args.k} of the gold topic: {result['retrieval_recall_at_k']:.2f}")
     for p in result.get("plots", []):
         print(f"plot: {p}")
+    if args.json:
+        out = Path(args.json)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(result, indent=2, default=str))
+        print(f"results: {out}")
+    return 0
+
+
+def _run_concurrency(args, engine=None) -> int:
+    """``--concurrency LEVELS``: :mod:`kvboost_rag_bench.concurrency` (also behind
+    ``benchmarks/concurrency_bench.py``)."""
+    from .concurrency import format_summary, parse_levels, run_concurrency
+
+    try:
+        parse_levels(args.concurrency)
+    except ValueError as exc:
+        raise SystemExit(f"bench: {exc}")
+    if args.concurrency_tokens < 1 or args.concurrency_rounds < 1:
+        raise SystemExit("bench: --concurrency-tokens and --concurrency-rounds must be >= 1")
+    result = run_concurrency(args, engine=engine, log=lambda line: log(args.quiet, line))
+    print(format_summary(result))
     if args.json:
         out = Path(args.json)
         out.parent.mkdir(parents=True, exist_ok=True)

@@ -26,8 +26,8 @@ class BlendMetadata:
     positions: [S] sorted absolute positions of the tokens being run.
     block_size: the most queries in one attention block.
     blocks: (start, stop) slices of ``positions``, one per attention block, and ``masks`` their
-        additive masks: planned by the first layer and reused by the others (the selection is the
-        same in every layer).
+        additive masks; ``cos_sin``: the tokens' RoPE cos/sin. All built by the first layer and
+        reused by the others (the selection is the same in every layer).
     scores: optional [N] accumulator: the attention probabilities that the ``score_rows`` queries
         (bool [S]) pay each key are added to it, summed over heads and layers (question probe).
     """
@@ -38,6 +38,7 @@ class BlendMetadata:
     score_rows: Optional[torch.Tensor] = None
     blocks: list = field(default_factory=list)
     masks: list = field(default_factory=list)
+    cos_sin: Optional[tuple] = None
 
 
 # Fixed cost of one attention call, in (query tokens x keys) of attention work: measured on the

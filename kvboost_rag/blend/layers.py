@@ -51,7 +51,9 @@ class LayerRunner:
             with phase("attention"):
                 return blended_attention(q, keys, values, scale, meta)
 
-        return self.adapter.layer_forward(layer, hidden, self.cos[positions], self.sin[positions], attend)
+        if meta.cos_sin is None:   # the tokens' RoPE cos/sin: gathered once per pass, not per layer
+            meta.cos_sin = (self.cos[positions], self.sin[positions])
+        return self.adapter.layer_forward(layer, hidden, *meta.cos_sin, attend)
 
     def run_layers(self, first_layer: int, hidden: torch.Tensor, meta: BlendMetadata) -> torch.Tensor:
         """Run layers ``first_layer .. L-1``; returns the tokens' final hidden states."""
