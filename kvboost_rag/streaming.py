@@ -96,6 +96,23 @@ class TokenStream:
         return aiter_in_thread(self)
 
 
+_STREAM_THREADS = 64
+_executor = None
+_executor_lock = threading.Lock()
+
+
+def _stream_executor():
+    """The threads async streams run in: not asyncio's default pool, whose min(32, cpus + 4)
+    workers (6 on a 2-core machine) would cap concurrent ``ainvoke``/``abatch`` requests below the
+    scheduler's ``max_batch``. The threads mostly wait on the engine."""
+    global _executor
+    with _executor_lock:
+        if _executor is None:
+            from concurrent.futures import ThreadPoolExecutor
+            _executor = ThreadPoolExecutor(max_workers=_STREAM_THREADS, thread_name_prefix="kvboost-stream")
+        return _executor
+
+
 async def aiter_in_thread(stream: TokenStream) -> AsyncIterator[str]:
     """Iterate ``stream`` in a worker thread and yield its deltas on the event loop.
 
@@ -113,7 +130,7 @@ async def aiter_in_thread(stream: TokenStream) -> AsyncIterator[str]:
         except BaseException as exc:  # handed to the consumer, re-raised there
             loop.call_soon_threadsafe(queue.put_nowait, exc)
 
-    worker = loop.run_in_executor(None, work)
+    worker = loop.run_in_executor(_stream_executor(), work)
     try:
         while True:
             item = await queue.get()
