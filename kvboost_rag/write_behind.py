@@ -116,13 +116,15 @@ _LIVE: "weakref.WeakSet[WriteBehind]" = weakref.WeakSet()
 
 @atexit.register
 def _shutdown_workers() -> None:
-    """At interpreter exit, drop what is still queued and wait for the document being encoded.
+    """At interpreter exit, let each worker finish the documents already queued (a script that
+    answered one question and returned leaves its documents stored for the next run), within
+    :attr:`WriteBehind.exit_drain_s`; then drop the rest and wait for the one being encoded.
 
     A daemon thread still inside torch while the interpreter finalizes aborts the process
     ("terminate called without an active exception", exit code 134): a script that answered
     one question and returned would fail."""
     for writer in list(_LIVE):
-        writer.close()
+        writer.close(drain_s=writer.exit_drain_s)
 
 
 class WriteBehind:
@@ -135,6 +137,7 @@ class WriteBehind:
     max_queue = 64          # documents waiting at most; more are dropped (and counted)
     idle_wait_s = 2.0       # how long the worker waits for no generation in flight
     warn_after = 3          # consecutive prompts with nothing reused before the one warning
+    exit_drain_s = 10.0     # at interpreter exit, how long queued documents may still be encoded
 
     def __init__(self, engine: Any) -> None:
         self._engine = engine
@@ -150,11 +153,17 @@ class WriteBehind:
         self._closed = False
         _LIVE.add(self)
 
-    def close(self, timeout: Optional[float] = 30.0) -> None:
-        """Stop taking documents, drop the queued ones (counted as dropped) and wait up to
-        ``timeout`` s for the one being encoded."""
+    def close(self, timeout: Optional[float] = 30.0, drain_s: float = 0.0) -> None:
+        """Stop taking documents; give the worker up to ``drain_s`` s to encode the queued ones
+        (it no longer waits for generations to finish), then drop what is left (counted as
+        dropped) and wait up to ``timeout`` s for the one being encoded."""
         with self._cond:
             self._closed = True
+            thread = self._thread
+            self._cond.notify_all()
+        if drain_s > 0 and thread is not None and thread is not threading.current_thread():
+            thread.join(drain_s)
+        with self._cond:
             self.dropped += len(self._queue)
             for text in self._queue:
                 self._pending.discard(text)
