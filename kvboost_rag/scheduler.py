@@ -330,6 +330,16 @@ def batched_step(model, kv: BatchKV, ids: torch.Tensor, ragged: bool = True):
     return out
 
 
+def _event(kind: str, item: Any) -> tuple:
+    """A request's queued event as the engine's stream item: ``(delta, None)`` for text,
+    ``("", result)`` once done; an error is raised in the consumer's thread."""
+    if kind == "delta":
+        return item, None
+    if kind == "done":
+        return "", item
+    raise item
+
+
 def _set_attn(config, name: str) -> None:
     """Switch a config's attention implementation (the plain attribute where the config has no
     sub-configs: the property's setter walks them, ~7 us a call)."""
@@ -454,13 +464,9 @@ class Scheduler:
                                 kind, item = req.events.get_nowait()
                             except queue.Empty:
                                 break
-                            if kind == "delta":
-                                yield item, None
-                            elif kind == "done":
-                                yield "", item
+                            yield _event(kind, item)
+                            if kind == "done":
                                 return
-                            else:
-                                raise item
                 finally:
                     self._end_inline(req)
             while True:
@@ -470,13 +476,9 @@ class Scheduler:
                     if req.stopped():
                         raise GenerationCancelled("stopped while waiting for the batch") from None
                     continue
-                if kind == "delta":
-                    yield item, None
-                elif kind == "done":
-                    yield "", item
+                yield _event(kind, item)
+                if kind == "done":
                     return
-                else:
-                    raise item
         finally:
             req.abandoned = True  # the worker drops it at its next step (or before its prefill)
 

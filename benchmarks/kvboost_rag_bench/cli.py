@@ -172,12 +172,17 @@ def run_from_args(args, *, engine=None) -> int:
         print(f"retrieval recall@{args.k} of the gold topic: {result['retrieval_recall_at_k']:.2f}")
     for p in result.get("plots", []):
         print(f"plot: {p}")
-    if args.json:
-        out = Path(args.json)
+    _write_json(args.json, result)
+    return 0
+
+
+def _write_json(path, result: dict) -> None:
+    """The full results as JSON at ``path`` (``--json``), if given."""
+    if path:
+        out = Path(path)
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(result, indent=2, default=str))
         print(f"results: {out}")
-    return 0
 
 
 def _run_concurrency(args, engine=None) -> int:
@@ -193,11 +198,7 @@ def _run_concurrency(args, engine=None) -> int:
         raise SystemExit("bench: --concurrency-tokens and --concurrency-rounds must be >= 1")
     result = run_concurrency(args, engine=engine, log=lambda line: log(args.quiet, line))
     print(format_summary(result))
-    if args.json:
-        out = Path(args.json)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(result, indent=2, default=str))
-        print(f"results: {out}")
+    _write_json(args.json, result)
     return 0
 
 

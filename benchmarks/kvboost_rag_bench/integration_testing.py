@@ -237,3 +237,30 @@ def check_fresh_install(dist: "os.PathLike", tmp_path: "os.PathLike", *, distrib
     assert out["direct"]["url"] == repo.as_uri() and out["direct"]["dir_info"].get("editable") is True
     assert Path(out["core_file"]).is_relative_to(repo) and out["editable"] is True
     return timings
+
+
+# ------------------------------------------------------------------------ scripted model output
+class ScriptedOutput:
+    """Makes the engine's decode loop write each of ``texts`` in turn (one per generation, each
+    ended by EOS), whatever the random weights say: a test seam at
+    ``kvboost_rag.generate.sample_token``, so the real engine, its token stream and incremental
+    detokenization all run. Tool-call ids count from 0 again on :meth:`reset`, so two answers can
+    be compared id for id."""
+
+    def __init__(self, engine, monkeypatch, *texts: str) -> None:
+        import itertools
+        import types
+
+        import kvboost_rag.generate as generate
+        import kvboost_rag.tools as tools
+
+        tok = engine.tokenizer
+        self.ids = [i for t in texts for i in tok.encode(t, add_special_tokens=False) + [tok.eos_token_id]]
+        self._itertools = itertools
+        self.reset()
+        monkeypatch.setattr(generate, "sample_token", lambda logits, params, generator: self.ids[next(self._step)])
+        monkeypatch.setattr(tools, "uuid", types.SimpleNamespace(
+            uuid4=lambda: types.SimpleNamespace(hex=f"{next(self._call_ids):024d}")))
+
+    def reset(self) -> None:
+        self._step, self._call_ids = self._itertools.count(), self._itertools.count()

@@ -13,7 +13,7 @@ from llama_index.core.prompts import PromptTemplate
 from llama_index.core.tools import FunctionTool
 from pydantic import BaseModel, Field
 
-from kvboost_rag_bench.integration_testing import make_tiny_engine
+from kvboost_rag_bench.integration_testing import ScriptedOutput, make_tiny_engine
 from kvboost_rag_bench.testing import DOCS
 from llama_index.llms.kvboost import KVBoostLLM, message_to_engine
 
@@ -125,32 +125,6 @@ SCRIPT = ('Let me look. <tool_call>\n{"name": "get_weather", "arguments": {"city
           '<tool_call>\n{"name": "add", "arguments": {"a": 1, "b": 2}}\n</tool_call>')
 
 
-class Script:
-    """Makes the engine's decode loop write each of ``texts`` in turn (one per generation, each
-    ended by EOS), whatever the random weights say: a test seam at
-    ``kvboost_rag.generate.sample_token``, so the real engine, its token stream and incremental
-    detokenization all run. Tool-call ids count from 0 again on :meth:`reset`, so two answers can
-    be compared id for id."""
-
-    def __init__(self, engine, monkeypatch, *texts: str) -> None:
-        import itertools
-        import types
-
-        import kvboost_rag.generate as generate
-        import kvboost_rag.tools as tools
-
-        tok = engine.tokenizer
-        self.ids = [i for t in texts for i in tok.encode(t, add_special_tokens=False) + [tok.eos_token_id]]
-        self._itertools = itertools
-        self.reset()
-        monkeypatch.setattr(generate, "sample_token", lambda logits, params, generator: self.ids[next(self._step)])
-        monkeypatch.setattr(tools, "uuid", types.SimpleNamespace(
-            uuid4=lambda: types.SimpleNamespace(hex=f"{next(self._call_ids):024d}")))
-
-    def reset(self) -> None:
-        self._step, self._call_ids = self._itertools.count(), self._itertools.count()
-
-
 def weather_tool() -> FunctionTool:
     def get_weather(city: str) -> str:
         """Weather in a city."""
@@ -174,7 +148,7 @@ def _selections(llm, response) -> list:
 
 @pytest.mark.parametrize("mode", ["sync", "async"])
 def test_streamed_tool_calls_arrive_incrementally_and_add_up_to_chat(engine, monkeypatch, mode):
-    script = Script(engine, monkeypatch, SCRIPT)
+    script = ScriptedOutput(engine, monkeypatch, SCRIPT)
     llm = KVBoostLLM(engine=engine, max_new_tokens=200)
     tools = [weather_tool(), add_tool([])]
     chat = llm.chat_with_tools(tools, user_msg="weather in Paris, and 1 + 2?")
@@ -212,7 +186,7 @@ def test_streamed_tool_calls_arrive_incrementally_and_add_up_to_chat(engine, mon
 
 
 def test_streamed_text_without_calls_is_unchanged(engine, monkeypatch):
-    script = Script(engine, monkeypatch, "No tool is needed here.")
+    script = ScriptedOutput(engine, monkeypatch, "No tool is needed here.")
     llm = KVBoostLLM(engine=engine, max_new_tokens=50)
     chat = llm.chat_with_tools([add_tool([])], user_msg="hi")
     script.reset()
@@ -236,7 +210,7 @@ def test_streamed_text_without_calls_is_unchanged(engine, monkeypatch):
 def test_streaming_function_agent_sees_calls_as_they_complete(engine, monkeypatch):
     from llama_index.core.agent.workflow import AgentStream, ToolCallResult
 
-    Script(engine, monkeypatch, SCRIPT, "It is sunny; 1 + 2 = 3.")
+    ScriptedOutput(engine, monkeypatch, SCRIPT, "It is sunny; 1 + 2 = 3.")
     added: list = []
     agent = FunctionAgent(tools=[weather_tool(), add_tool(added)], llm=KVBoostLLM(engine=engine, max_new_tokens=150),
                           streaming=True)  # 150: the second turn's prompt (tools, calls, results) is long

@@ -15,7 +15,7 @@ from kvboost_rag_bench.integration_testing import make_tiny_engine
 from kvboost_rag_bench.testing import DOCS
 from langchain_kvboost import ChatKVBoost, KVBoostLLM, documents_to_message, warm_documents
 
-from kvboost_rag_bench.integration_testing import make_tools_engine
+from kvboost_rag_bench.integration_testing import ScriptedOutput, make_tools_engine
 
 
 class Add(BaseModel):
@@ -214,30 +214,6 @@ SCRIPT = ('Let me look. <tool_call>\n{"name": "get_weather", "arguments": {"city
           '<tool_call>\n{"name": "Add", "arguments": {"a": 1, "b": 2}}\n</tool_call>')
 
 
-class Script:
-    """Makes the engine's decode loop write ``text`` then EOS, whatever the random weights say (a
-    test seam at ``kvboost_rag.generate.sample_token``: the real engine, its token stream and
-    incremental detokenization all run). Tool-call ids count from 0 again on :meth:`reset`, so
-    two answers can be compared id for id."""
-
-    def __init__(self, engine, text: str, monkeypatch) -> None:
-        import itertools
-        import types
-
-        import kvboost_rag.generate as generate
-        import kvboost_rag.tools as tools
-
-        self.ids = engine.tokenizer.encode(text, add_special_tokens=False) + [engine.tokenizer.eos_token_id]
-        self._itertools = itertools
-        self.reset()
-        monkeypatch.setattr(generate, "sample_token", lambda logits, params, generator: self.ids[next(self._step)])
-        monkeypatch.setattr(tools, "uuid", types.SimpleNamespace(
-            uuid4=lambda: types.SimpleNamespace(hex=f"{next(self._call_ids):024d}")))
-
-    def reset(self) -> None:
-        self._step, self._call_ids = self._itertools.count(), self._itertools.count()
-
-
 def _merge(chunks):
     import functools
     import operator
@@ -247,7 +223,7 @@ def _merge(chunks):
 
 @pytest.mark.parametrize("mode", ["stream", "astream", "streaming=True"])
 def test_streamed_tool_calls_add_up_to_the_invoked_ones(engine, monkeypatch, mode):
-    script = Script(engine, SCRIPT, monkeypatch)
+    script = ScriptedOutput(engine, monkeypatch, SCRIPT)
     model = ChatKVBoost(engine=engine, max_tokens=200)
     bound = model.bind_tools([Add, WEATHER])
     invoked = bound.invoke("weather in Paris, and 1 + 2?")
@@ -282,7 +258,7 @@ def test_streamed_tool_calls_add_up_to_the_invoked_ones(engine, monkeypatch, mod
 
 
 def test_streamed_text_without_calls_is_plain_content(engine, monkeypatch):
-    Script(engine, "No tool is needed here.", monkeypatch)
+    ScriptedOutput(engine, monkeypatch, "No tool is needed here.")
     chunks = list(ChatKVBoost(engine=engine, max_tokens=50).bind_tools([Add]).stream("hi"))
     merged = _merge(chunks)
     assert merged.content == "No tool is needed here." and merged.tool_calls == []
