@@ -16,20 +16,12 @@ import statistics
 
 from kvboost_rag import KVBoostEngine
 from kvboost_rag import generate as generate_module
-from kvboost_rag_bench import datasets
+from kvboost_rag_bench.concurrency import builtin_cases
 from kvboost_rag_bench.runner import build_prompt
 
 
 def prompts_for(engine: KVBoostEngine, k: int, n: int) -> list:
-    docs, queries = datasets.builtin_dataset(lambda text: len(engine.tokenize_document(text)))
-    by_id = {d.id: d for d in docs}
-    datasets.attach_doc_ids(docs, queries, k)
-    out = []
-    for query in queries[:n]:
-        texts = [by_id[i].text for i in query.doc_ids[:k]]
-        engine.warm(texts)
-        out.append(build_prompt(engine, texts, query.question))
-    return out
+    return [build_prompt(engine, texts, question) for texts, question in builtin_cases(engine, n, k)]
 
 
 def main() -> None:

@@ -59,8 +59,9 @@ class RopeRotator:
         return out
 
     def rotate_into(self, out: torch.Tensor, keys: torch.Tensor, delta: int) -> None:
-        """Write ``keys`` rotated by ``delta`` into ``out`` (same shape), without temporaries
-        beyond one half-size buffer: out = k*cos + rotate_half(k)*sin."""
+        """Write ``keys`` rotated by ``delta`` into ``out`` (same shape): out = k*cos +
+        rotate_half(k)*sin, element-wise for float32 (no temporaries), as one ``k @ R(delta)``
+        matmul for 16-bit dtypes (one temporary of the keys' size)."""
         rd = self.rotary_dim
         if keys.shape[-1] < rd:
             raise UnsupportedModelError(f"head_dim {keys.shape[-1]} is smaller than rotary dim {rd}")

@@ -97,14 +97,10 @@ def _ragged_attention(module, query, key, value, attention_mask, dropout: float 
     # through enable_gqa), minus its per-call Python: this path runs rows x layers times a step.
     sdpa = torch.nn.functional.scaled_dot_product_attention
     gqa = {"enable_gqa": True} if groups > 1 else {}
-    if len(kvboost_rows) == 1:  # a lone row
-        n = kvboost_rows[0]
-        out = sdpa(query, key[:, :, :n], value[:, :, :n], attn_mask=None, dropout_p=dropout, scale=scaling,
-                   is_causal=False, **gqa)
-    else:
-        out = torch.cat([sdpa(query[b:b + 1], key[b:b + 1, :, :n], value[b:b + 1, :, :n], attn_mask=None,
-                              dropout_p=dropout, scale=scaling, is_causal=False, **gqa)
-                         for b, n in enumerate(kvboost_rows)])
+    outs = [sdpa(query[b:b + 1], key[b:b + 1, :, :n], value[b:b + 1, :, :n], attn_mask=None,
+                 dropout_p=dropout, scale=scaling, is_causal=False, **gqa)
+            for b, n in enumerate(kvboost_rows)]
+    out = outs[0] if len(outs) == 1 else torch.cat(outs)   # a lone row: no copy
     return out.transpose(1, 2).contiguous(), None
 
 

@@ -427,6 +427,10 @@ def test_profile_splits_each_prefill_by_phase_and_kind(tmp_path, capsys):
         for row in res["phases_ms"].values():
             assert abs(row["total"] - row["matmul"] - row["attention"] - row["other"]) < 1e-6
         assert abs(sum(r["total"] for r in res["phases_ms"].values()) - res["profiled_ms"]) < 1e-6
+    from kvboost_rag.phases import PHASES
+
+    for res in prof.values():   # every range the core opens is a declared phase
+        assert set(res["phases_ms"]) <= set(PHASES) | {"unphased"}, set(res["phases_ms"])
     assert not {"probe", "selected_layers", "assemble"} & set(prof["full"]["phases_ms"])
     assert prof["full"]["phases_ms"]["unphased"]["attention"] > 0     # the fused kernel, by op name
     assert {"assemble", "probe", "selected_layers"} <= set(prof["default"]["phases_ms"])

@@ -89,18 +89,18 @@ def blended_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tenso
             meta.masks.append(_block_mask(meta.positions[b0: b1], groups, query.dtype))
         mask = meta.masks[index]
         end = mask.shape[-1]
-        q = grouped[:, :, :, b0: b0 + n].reshape(1, kv_heads, groups * n, dim)
+        q = grouped[:, :, :, b0: b1].reshape(1, kv_heads, groups * n, dim)
         k, v = keys[:, :, :end], values[:, :, :end]
-        rows = meta.score_rows[b0: b0 + n] if meta.scores is not None else None
-        if rows is None or not bool(rows.any()):
-            o = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
-        elif q.dtype == torch.float32:
+        rows = meta.score_rows[b0: b1] if meta.scores is not None else None
+        scored = rows is not None and bool(rows.any())
+        if scored and q.dtype == torch.float32:
             o, probs = _attention_and_probabilities(q, k, v, mask, scale)
             meta.scores[:end] += probs.view(kv_heads, groups, n, end)[:, :, rows].sum(dim=(0, 1, 2))
         else:
             o = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
-            meta.scores[:end] += _row_probabilities(q, k, mask, scale, rows, groups)
-        out[:, :, :, b0: b0 + n] = o.view(1, kv_heads, groups, n, -1)
+            if scored:
+                meta.scores[:end] += _row_probabilities(q, k, mask, scale, rows, groups)
+        out[:, :, :, b0: b1] = o.view(1, kv_heads, groups, n, -1)
     return out.view(1, heads, length, -1)
 
 
