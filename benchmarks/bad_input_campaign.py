@@ -57,7 +57,7 @@ def _engine_case(fn: Callable[[], Any], check: Callable[[Any], bool] = None) -> 
 
 
 def _cli_case(argv: List[str]) -> Tuple[str, str]:
-    from kvboost_rag.cli import main
+    from kvboost_rag.app.cli import main
 
     err, out = io.StringIO(), io.StringIO()
     try:
@@ -79,8 +79,8 @@ def _cli_case(argv: List[str]) -> Tuple[str, str]:
 
 def _cases(engine, tmp: Path, model_dir: Path) -> List[Tuple[str, Callable[[], Tuple[str, str]]]]:
     from kvboost_rag import EngineConfig, SamplingParams, Segment
-    from kvboost_rag.warm import warm_corpus
-    from kvboost_rag_bench.testing import DOCS
+    from kvboost_rag.app.warm import warm_corpus
+    from kvboost_rag.testing.models import DOCS
 
     prompt = ([Segment.text("Context:\n")] + [Segment.document(DOCS[i]) for i in (0, 1)]
               + [Segment.text("\nQuestion: which city?\nAnswer:")])
@@ -118,7 +118,7 @@ def _cases(engine, tmp: Path, model_dir: Path) -> List[Tuple[str, Callable[[], T
         return len(report.failed) == n_failed and report.encoded + report.skipped == n_ok
 
     def timeout_in_prefill():
-        import kvboost_rag.streaming as streaming
+        import kvboost_rag.serve.streaming as streaming
 
         clock = [0.0]
         runs = [0]
@@ -253,7 +253,7 @@ def run_bad_inputs(verbose: bool = False) -> Dict[str, Any]:
     (plus ``"details"``: name -> (outcome, what happened))."""
     import torch
 
-    from kvboost_rag_bench.testing import DOCS, tiny_engine, tiny_model, tiny_tokenizer
+    from kvboost_rag.testing.models import DOCS, tiny_engine, tiny_model, tiny_tokenizer
 
     torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
     with tempfile.TemporaryDirectory(prefix="kvb-bad-input-") as tmp_name:

@@ -36,7 +36,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     levels = concurrency.parse_levels(args.concurrency)
     if args.smoke:
-        from kvboost_rag_bench.testing import tiny_engine
+        from kvboost_rag.testing.models import tiny_engine
         engine = tiny_engine(write_behind=False)
         cases = concurrency.smoke_cases(engine, args.prompts, args.docs)
     else:

@@ -6,7 +6,7 @@ For each document count, builds the first prompts of the built-in corpus (retrie
 retrieval order), warms them, and generates ``--tokens`` tokens per prompt with both caches,
 interleaved in this one process (cat, in-place, cat, in-place). Decode throughput is
 ``completion_tokens / (total_s - ttft_s)`` from the engine's own telemetry. The "cat" runs swap
-:func:`kvboost_rag.decode_cache.with_room` for a no-op, which leaves transformers'
+:func:`kvboost_rag.kv.decode_cache.with_room` for a no-op, which leaves transformers'
 ``DynamicCache`` as it is.
 """
 from __future__ import annotations
@@ -15,7 +15,7 @@ import argparse
 import statistics
 
 from kvboost_rag import KVBoostEngine
-from kvboost_rag import generate as generate_module
+from kvboost_rag.decode import loop as generate_module
 from kvboost_rag_bench.concurrency import builtin_cases
 from kvboost_rag_bench.runner import build_prompt
 

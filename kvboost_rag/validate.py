@@ -22,16 +22,16 @@ import math
 import numbers
 from typing import Any, Iterable, Mapping, Optional
 
-from .errors import InvalidConfigError, InvalidInputError
+from kvboost_rag.errors import EmptyInputError, InvalidConfigError, InvalidInputError
 
 __all__ = ["integer", "real", "ratio", "timeout", "seed", "text", "stop_sequences", "texts_collection",
-           "prompt_type", "utf8", "CHAT_ROLES", "chat_messages"]
+           "utf8", "CHAT_ROLES", "show"]
 
 # Roles a chat message may have (the OpenAI / Hugging Face chat-template vocabulary).
 CHAT_ROLES = ("system", "user", "assistant", "tool", "developer")
 
 
-def _show(value: Any) -> str:
+def show(value: Any) -> str:
     r = repr(value)
     return r if len(r) <= 80 else r[:77] + "..."
 
@@ -43,10 +43,10 @@ def integer(name: str, value: Any, *, minimum: Optional[int] = None, allow_none:
         return None
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise InvalidConfigError(f"{name} must be an integer{' or None' if allow_none else ''}, "
-                                 f"got {type(value).__name__} {_show(value)}")
+                                 f"got {type(value).__name__} {show(value)}")
     if not isinstance(value, numbers.Integral):
         if not (math.isfinite(value) and float(value).is_integer()):
-            raise InvalidConfigError(f"{name} must be a whole number, got {_show(value)}")
+            raise InvalidConfigError(f"{name} must be a whole number, got {show(value)}")
     value = int(value)
     if minimum is not None and value < minimum:
         raise InvalidConfigError(f"{name} must be >= {minimum}, got {value}")
@@ -63,7 +63,7 @@ def real(name: str, value: Any, *, minimum: Optional[float] = None, maximum: Opt
     else:
         span = f"<= {maximum:g}" if maximum is not None else "finite"
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise InvalidConfigError(f"{name} must be a number {span}, got {type(value).__name__} {_show(value)}")
+        raise InvalidConfigError(f"{name} must be a number {span}, got {type(value).__name__} {show(value)}")
     value = float(value)
     too_low = minimum is not None and (value <= minimum if exclusive_minimum else value < minimum)
     if not math.isfinite(value) or too_low or (maximum is not None and value > maximum):
@@ -88,7 +88,7 @@ def seed(value: Any) -> Optional[int]:
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise InvalidConfigError(f"seed must be an int or None, got {type(value).__name__} {_show(value)}")
+        raise InvalidConfigError(f"seed must be an int or None, got {type(value).__name__} {show(value)}")
     value = int(value)
     if not 0 <= value < 2 ** 64:
         raise InvalidConfigError(f"seed must be within [0, 2**64), got {value}")
@@ -109,7 +109,6 @@ def text(what: str, value: Any, *, allow_empty: bool = True) -> str:
             f"{what} contains a lone surrogate U+{ord(bad):04X} at character {exc.start}, which is not valid "
             "Unicode; decode the source with errors='replace' (or fix the text) before passing it") from None
     if not allow_empty and not value.strip():
-        from .errors import EmptyInputError
         raise EmptyInputError(f"{what} is empty")
     return value
 
@@ -135,7 +134,7 @@ def stop_sequences(stop: Any) -> tuple[str, ...]:
     out = tuple(stop)
     for s in out:
         if not isinstance(s, str):
-            raise InvalidInputError(f"stop must be a str or a list of str; it holds a {type(s).__name__} {_show(s)}")
+            raise InvalidInputError(f"stop must be a str or a list of str; it holds a {type(s).__name__} {show(s)}")
         text("a stop string", s)
     return out
 
@@ -151,58 +150,3 @@ def texts_collection(what: str, value: Any, example: str) -> Any:
         raise InvalidInputError(
             f"{what} expects an iterable (list) of document texts, got {type(value).__name__}; e.g. {example}")
     return value
-
-
-def prompt_type(prompt: Any) -> None:
-    """The prompt's container type: a str, a :class:`Segment`, or a list/tuple of Segment / str."""
-    from .segments import Segment
-
-    if isinstance(prompt, (str, Segment)):
-        return
-    if not isinstance(prompt, (list, tuple)):
-        raise InvalidInputError(
-            f"a prompt must be a str, a Segment, or a list of Segment / str; got {type(prompt).__name__}"
-            + (" (decode bytes first)" if isinstance(prompt, (bytes, bytearray)) else ""))
-    for i, part in enumerate(prompt):
-        if not isinstance(part, (str, Segment)):
-            raise InvalidInputError(
-                f"prompt part {i} is a {type(part).__name__} {_show(part)}; each part must be a Segment or a str")
-
-
-# ------------------------------------------------------------------ chat
-def chat_messages(messages: Any) -> list[dict]:
-    """Check chat messages and return them as ``[{"role": str, "content": str | list}]``.
-
-    Each message is a dict with a ``role`` in :data:`CHAT_ROLES` and a ``content`` that is a str,
-    a list of str / Segment, or None / absent (taken as "")."""
-    from .segments import Segment
-
-    if isinstance(messages, (str, bytes, bytearray, Mapping)) or not isinstance(messages, Iterable):
-        raise InvalidInputError(
-            f"chat messages must be a list of {{'role': ..., 'content': ...}} dicts, got {type(messages).__name__}")
-    out = []
-    for i, m in enumerate(messages):
-        if not isinstance(m, Mapping):
-            raise InvalidInputError(f"chat message {i} must be a dict with 'role' and 'content', "
-                                    f"got {type(m).__name__}")
-        role = m.get("role")
-        if role is None:
-            raise InvalidInputError(f"chat message {i} has no 'role'; give one of {', '.join(CHAT_ROLES)}")
-        if role not in CHAT_ROLES:
-            raise InvalidInputError(f"chat message {i} has role {_show(role)}; accepted roles: {', '.join(CHAT_ROLES)}")
-        content = m.get("content")
-        if content is None or isinstance(content, str):
-            out.append({"role": role, "content": text(f"chat message {i}'s content", content or "")})
-            continue
-        if isinstance(content, (bytes, bytearray, Mapping)) or not isinstance(content, Iterable):
-            raise InvalidInputError(f"chat message {i}'s content must be a str or a list of str / Segment, "
-                                    f"got {type(content).__name__}")
-        parts = list(content)
-        for part in parts:
-            if not isinstance(part, (str, Segment)):
-                raise InvalidInputError(f"chat message {i}'s content holds a {type(part).__name__} "
-                                        f"{_show(part)}; parts must be str or Segment")
-            if isinstance(part, str):
-                text(f"chat message {i}'s content", part)
-        out.append({"role": role, "content": parts})
-    return out

@@ -15,7 +15,7 @@ import pytest  # noqa: E402
 @pytest.fixture(scope="module")
 def engine():
     """A tiny random llama engine with every test document warmed (a test module may override it)."""
-    from kvboost_rag_bench.testing import DOCS, tiny_engine
+    from kvboost_rag.testing.models import DOCS, tiny_engine
 
     e = tiny_engine("llama")
     e.warm(DOCS)

@@ -16,9 +16,9 @@ import json
 from pathlib import Path
 from typing import Optional, Sequence
 
-from .random_models import RANDOM_CONFIGS
-from .report import format_table, write_plots
-from .runner import (DEFAULT_PLOT_DOCS, DEFAULT_PLOT_RATIO, DEFAULT_RATIOS, log, parse_int_list,
+from kvboost_rag_bench.random_models import RANDOM_CONFIGS
+from kvboost_rag_bench.report import format_table, write_plots
+from kvboost_rag_bench.runner import (DEFAULT_PLOT_DOCS, DEFAULT_PLOT_RATIO, DEFAULT_RATIOS, log, parse_int_list,
                      parse_ratios, parse_selections, parse_variants, run_bench, run_random_bench)
 
 
@@ -166,7 +166,7 @@ def run_from_args(args, *, engine=None) -> int:
             result["plots"] = []
     print(format_table(result))
     if result.get("profile"):
-        from .profile import format_profile
+        from kvboost_rag_bench.profile import format_profile
         print(format_profile(result["profile"]))
     if result.get("retrieval_recall_at_k") is not None:
         print(f"retrieval recall@{args.k} of the gold topic: {result['retrieval_recall_at_k']:.2f}")
@@ -188,7 +188,7 @@ def _write_json(path, result: dict) -> None:
 def _run_concurrency(args, engine=None) -> int:
     """``--concurrency LEVELS``: :mod:`kvboost_rag_bench.concurrency` (also behind
     ``benchmarks/concurrency_bench.py``)."""
-    from .concurrency import format_summary, parse_levels, run_concurrency
+    from kvboost_rag_bench.concurrency import format_summary, parse_levels, run_concurrency
 
     try:
         parse_levels(args.concurrency)

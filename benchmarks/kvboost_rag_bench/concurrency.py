@@ -1,5 +1,5 @@
 """Concurrent requests (issue 14): sequential answers against 2/4/8 at once through the continuous
-batching scheduler (:mod:`kvboost_rag.scheduler`). The one implementation behind
+batching scheduler (:mod:`kvboost_rag.serve.scheduler`). The one implementation behind
 ``kvboost-rag bench --concurrency 1,2,4,8`` and ``benchmarks/concurrency_bench.py``.
 
 Same process, same prompts (``docs`` retrieved documents each: the built-in pydoc corpus, the
@@ -30,7 +30,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Optional, Sequence
 
-from . import datasets
+from kvboost_rag_bench import datasets
 
 DEFAULT_LEVELS = (1, 2, 4, 8)
 
@@ -67,7 +67,7 @@ def builtin_cases(engine, n_prompts: int, docs: int) -> list[tuple[list[str], st
 
 
 def smoke_cases(engine, n_prompts: int, docs: int) -> list[tuple[list[str], str]]:
-    from .testing import DOCS
+    from kvboost_rag.testing.models import DOCS
 
     engine.warm(DOCS)
     return [([DOCS[(i + j) % len(DOCS)] for j in range(min(docs, len(DOCS)))], f"what is item {i} ?" * (1 + i % 3))
@@ -76,7 +76,7 @@ def smoke_cases(engine, n_prompts: int, docs: int) -> list[tuple[list[str], str]
 
 def random_cases(engine, n_prompts: int, docs: int, doc_tokens: int, question_tokens: int,
                  seed: int = 0) -> list[tuple[list[str], str]]:
-    from .random_models import random_text, word_count
+    from kvboost_rag_bench.random_models import random_text, word_count
 
     rng = random.Random(seed)
     n_words = word_count(engine.tokenizer)
@@ -179,7 +179,7 @@ def run_langchain(engine, cases, tokens: int, concurrency: int, system_prompt: s
 def run_levels(engine, cases, levels: Sequence[int], tokens: int, *, rounds: int = 1, langchain: bool = True,
                log: Callable[[str], None] = print) -> dict:
     """Run every level ``rounds`` times; returns the rows and a per-level summary (medians)."""
-    from .runner import SYSTEM_PROMPT, build_prompt
+    from kvboost_rag_bench.runner import SYSTEM_PROMPT, build_prompt
 
     prompts = [build_prompt(engine, texts, question) for texts, question in cases]
     engine.config = engine.config.replace(batching=True)
@@ -263,8 +263,8 @@ def _engine(args):
     from kvboost_rag import KVBoostEngine
 
     if getattr(args, "random_weights", None):
-        from .random_models import MAX_WORD_VOCAB, build_random_model, load_random_config, resolve_device
-        from .testing import word_tokenizer
+        from kvboost_rag_bench.random_models import MAX_WORD_VOCAB, build_random_model, load_random_config, resolve_device
+        from kvboost_rag.testing.models import word_tokenizer
 
         config = load_random_config(args.random_weights)
         model = build_random_model(config, device=resolve_device(args.device), dtype=args.dtype, seed=args.seed)

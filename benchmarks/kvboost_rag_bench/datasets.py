@@ -1,5 +1,5 @@
 """Documents and questions for the benchmark and the demo (not the warm job's sources: those
-are :mod:`kvboost_rag.sources`).
+are :mod:`kvboost_rag.index.sources`).
 
 * JSONL loading: corpus lines ``{"id", "text"}``, query lines ``{"id", "question"}`` with optional
   ``"answer"`` (gold text) and ``"doc_ids"`` (retrieved documents, in retrieval order).

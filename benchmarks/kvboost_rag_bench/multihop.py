@@ -43,7 +43,7 @@ from dataclasses import dataclass, field
 from typing import Any, Iterable, Mapping, Optional, Sequence
 
 try:  # the benchmark package
-    from .datasets import Doc, Query
+    from kvboost_rag_bench.datasets import Doc, Query
 except ImportError:  # pragma: no cover - imported outside the package, or before the move
     try:
         from kvboost_rag_bench.datasets import Doc, Query
@@ -51,7 +51,7 @@ except ImportError:  # pragma: no cover - imported outside the package, or befor
         from kvboost_rag.corpora import Doc, Query
 
 try:
-    from .metrics import contains_answer, mean_ci95, normalize_answer
+    from kvboost_rag_bench.metrics import contains_answer, mean_ci95, normalize_answer
 except ImportError:  # pragma: no cover - before the move
     try:
         from kvboost_rag_bench.metrics import contains_answer, mean_ci95, normalize_answer

@@ -4,7 +4,7 @@
 be downloaded: the model has the layer count, widths, head layout, vocabulary and RoPE settings of
 a public config (:data:`RANDOM_CONFIGS`, or any ``config.json``) and random weights, so its
 answers mean nothing but every matrix product costs what the real one does. The corpus is random
-words of :func:`kvboost_rag_bench.testing.word_tokenizer`, one token each, so a document of
+words of :func:`kvboost_rag.testing.models.word_tokenizer`, one token each, so a document of
 ``n`` words is exactly ``n`` tokens.
 """
 from __future__ import annotations
@@ -50,7 +50,7 @@ MAX_WORD_VOCAB = 32000
 
 
 def word_count(tokenizer) -> int:
-    """How many ``wN`` words :func:`kvboost_rag_bench.testing.word_tokenizer` produced."""
+    """How many ``wN`` words :func:`kvboost_rag.testing.models.word_tokenizer` produced."""
     return sum(1 for t in tokenizer.get_vocab() if re.fullmatch(r"w\d+", t))
 
 

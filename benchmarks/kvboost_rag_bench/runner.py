@@ -41,12 +41,12 @@ from typing import Any, Optional, Sequence
 
 from kvboost_rag.fidelity import kl_top1
 
-from . import datasets
-from .metrics import contains_answer, mean, mean_ci95, median, token_f1
-from .multihop import accuracy_by_hops, answers_agree, multihop_suite
-from .random_models import (MAX_WORD_VOCAB, build_random_model, load_random_config, random_text,
+from kvboost_rag_bench import datasets
+from kvboost_rag_bench.metrics import contains_answer, mean, mean_ci95, median, token_f1
+from kvboost_rag_bench.multihop import accuracy_by_hops, answers_agree, multihop_suite
+from kvboost_rag_bench.random_models import (MAX_WORD_VOCAB, build_random_model, load_random_config, random_text,
                             resolve_device, word_count)
-from .testing import word_tokenizer
+from kvboost_rag.testing.models import word_tokenizer
 
 SYSTEM_PROMPT = ("You are a helpful assistant. Answer the question using only the documents "
                  "provided. Answer in a few words.")
@@ -156,7 +156,7 @@ def parse_selections(text: Optional[str]) -> list[str]:
     :mod:`kvboost_rag_bench.levers` (registered on first use); ``ValueError`` for unknown names."""
     from kvboost_rag.blend import SELECTION_RULES
 
-    from .levers import LEVERS, register_levers
+    from kvboost_rag_bench.levers import LEVERS, register_levers
 
     names = [x.strip() for x in str(text or "").split(",") if x.strip()]
     unknown = [n for n in names if n not in SELECTION_RULES and n not in LEVERS]
@@ -380,15 +380,15 @@ def make_store(args) -> tuple[Any, Optional[str]]:
     """The store to benchmark with. Returns ``(store, directory)``.
 
     * neither ``--cold`` nor ``--kv-bits``: ``None`` (the engine's default memory store);
-    * ``--cold``: a :class:`kvboost_rag.disk_store.DiskStore` alone, so every query reads its
+    * ``--cold``: a :class:`kvboost_rag.store.disk.DiskStore` alone, so every query reads its
       chunks from disk (OS page cache aside);
     * ``--kv-bits`` without ``--cold``: a memory tier over a quantized DiskStore
       (``TieredStore``), so queries use exactly the quantized-then-dequantized KV from memory.
     """
     if not args.cold and args.kv_bits is None:
         return None, None
-    from kvboost_rag.disk_store import DiskStore, TieredStore
-    from kvboost_rag.store import MemoryStore
+    from kvboost_rag.store.disk import DiskStore, TieredStore
+    from kvboost_rag.store.memory import MemoryStore
 
     path = args.store_dir or tempfile.mkdtemp(prefix="kvboost-bench-")
     disk = DiskStore(path, kv_bits=args.kv_bits or 16)
@@ -479,7 +479,7 @@ def run_bench(args, *, engine=None) -> dict:
 
         profile = None
         if getattr(args, "profile", False):
-            from .profile import profile_methods
+            from kvboost_rag_bench.profile import profile_methods
 
             profile = profile_methods(engine, prompts, methods)
             log(args.quiet, "[bench] profiled the prefills")

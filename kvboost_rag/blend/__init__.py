@@ -27,11 +27,11 @@ from typing import Optional
 
 import torch
 
-from ..adapters import ModelAdapter
-from ..phases import phase
-from .config import BlendConfig
-from .layers import LayerRunner
-from .selection import SELECTION_RULES, Selection, SelectionContext
+from kvboost_rag.models.adapters import ModelAdapter
+from kvboost_rag.phases import phase
+from kvboost_rag.blend.layers import LayerRunner
+from kvboost_rag.blend.selection import Selection, SelectionContext
+from kvboost_rag.config import SELECTION_RULES, BlendConfig
 
 __all__ = ["BlendConfig", "BlendResult", "LayerRunner", "SELECTION_RULES", "blend"]
 

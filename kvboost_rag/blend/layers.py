@@ -1,6 +1,6 @@
 """Run a set of tokens (scattered positions) through one decoder layer over the blended K/V.
 
-The layer's math is the model's own (through its family adapter, :mod:`kvboost_rag.adapters`);
+The layer's math is the model's own (through its family adapter, :mod:`kvboost_rag.models.adapters`);
 what changes is where K/V live: the tokens' fresh K/V are written at their absolute positions in
 the blend buffer, then their queries attend over the whole buffer
 (:func:`kvboost_rag.blend.attention.blended_attention`). Writing every running token before
@@ -12,9 +12,9 @@ from typing import Optional
 
 import torch
 
-from ..adapters import ModelAdapter
-from ..phases import phase
-from .attention import BlendMetadata, blended_attention
+from kvboost_rag.models.adapters import ModelAdapter
+from kvboost_rag.phases import phase
+from kvboost_rag.blend.attention import BlendMetadata, blended_attention
 
 
 class LayerRunner:

@@ -20,8 +20,9 @@ from typing import Callable
 
 import torch
 
-from ..phases import phase
-from .layers import LayerRunner
+from kvboost_rag.phases import phase
+from kvboost_rag.blend.layers import LayerRunner
+from kvboost_rag.config import SELECTION_RULES
 
 
 @dataclass
@@ -130,8 +131,8 @@ def key_deviation(ctx: SelectionContext) -> Selection:
 
 Rule = Callable[[SelectionContext], Selection]
 
-SELECTION_RULES: dict[str, Rule] = {
+SELECTION_RULES.update({
     "attention": question_attention,
     "value": value_deviation,
     "key": key_deviation,
-}
+})

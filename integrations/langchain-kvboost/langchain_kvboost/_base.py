@@ -1,11 +1,11 @@
 """What :class:`ChatKVBoost` and :class:`KVBoostLLM` share: the engine, generation parameters,
 and the translation of engine telemetry. Streaming (deadline, cancel, the async bridge) is the
-core's :class:`kvboost_rag.streaming.TokenStream`, returned by ``engine.stream``.
+core's :class:`kvboost_rag.serve.streaming.TokenStream`, returned by ``engine.stream``.
 
 Both classes are thin: they turn LangChain inputs into an engine prompt (a string or a list of
 :class:`kvboost_rag.Segment`), call the engine, and turn its :class:`GenerationResult` into
 LangChain usage/response metadata. The rules shared with the LlamaIndex integration (option
-merging and checking, telemetry, lazy engine) are the core's :mod:`kvboost_rag.integration`.
+merging and checking, telemetry, lazy engine) are the core's :mod:`kvboost_rag.frameworks.options`.
 """
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from typing import Any, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from kvboost_rag import integration
+from kvboost_rag.frameworks import options as integration
 from kvboost_rag.errors import InvalidConfigError
 
 # Fields that are engine generation options, as (field name, engine name).

@@ -26,9 +26,9 @@ from langchain_core.tools import BaseTool
 from langchain_core.utils.function_calling import convert_to_json_schema, convert_to_openai_tool
 from langchain_core.utils.pydantic import is_basemodel_subclass
 
-from kvboost_rag import integration
-from kvboost_rag.streaming import TokenStream
-from kvboost_rag.tools import ToolCallStream, ToolTurn, prepare_tool_turn
+from kvboost_rag.frameworks import options as integration
+from kvboost_rag.serve.streaming import TokenStream
+from kvboost_rag.frameworks.tool_calls import ToolCallStream, ToolTurn, prepare_tool_turn
 
 from ._base import KVBoostParams, response_metadata, usage_metadata
 from .documents import is_document_block
@@ -61,7 +61,7 @@ def message_to_engine(message: BaseMessage) -> dict:
     since the engine serves text-only models. An ``AIMessage``'s ``tool_calls`` are kept
     (``{"id", "type": "function", "function": {"name", "arguments"}}``); a ``ToolMessage`` becomes a
     ``"tool"`` turn with its ``tool_call_id`` and ``name``. Role and joining rules:
-    :mod:`kvboost_rag.integration`.
+    :mod:`kvboost_rag.frameworks.options`.
     """
     role = message.role if isinstance(message, ChatMessage) else message.type
     out = integration.engine_message(role, _text_parts(message.content))

@@ -11,8 +11,8 @@ from langchain_core.callbacks import AsyncCallbackManagerForLLMRun, CallbackMana
 from langchain_core.language_models import BaseLLM, LangSmithParams
 from langchain_core.outputs import Generation, GenerationChunk, LLMResult
 
-from kvboost_rag import integration
-from kvboost_rag.streaming import TokenStream
+from kvboost_rag.frameworks import options as integration
+from kvboost_rag.serve.streaming import TokenStream
 
 from ._base import KVBoostParams, response_metadata, usage_metadata
 
@@ -48,7 +48,7 @@ class KVBoostLLM(BaseLLM, KVBoostParams):
         """The engine stream of one prompt. ``response_format`` (``.bind(response_format=...)`` or a
         call argument; ``{"type": "json_object"}``, ``{"type": "json_schema", "json_schema":
         {"schema": ...}}``, a JSON schema or a pydantic class) constrains the answer as in
-        :class:`ChatKVBoost` (:func:`kvboost_rag.integration.response_format_constraint`); an
+        :class:`ChatKVBoost` (:func:`kvboost_rag.frameworks.options.response_format_constraint`); an
         unsupported value is an error."""
         kwargs = dict(kwargs)
         constraint = integration.response_format_constraint(kwargs.pop("response_format", None),

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from kvboost_rag_bench.integration_testing import check_fresh_install
+from kvboost_rag.testing.integration import check_fresh_install
 
 pytestmark = pytest.mark.slow
 

@@ -10,7 +10,7 @@ from llama_index.core.node_parser import SentenceSplitter
 from llama_index.core.query_engine import RetrieverQueryEngine
 from llama_index.core.schema import MetadataMode
 
-from kvboost_rag_bench.integration_testing import SlowEngine, drain_while_ticking
+from kvboost_rag.testing.integration import SlowEngine, drain_while_ticking
 from llama_index.llms.kvboost import KVBoostLLM, KVBoostSynthesizer, KVBoostWarmer, TelemetryRecorder, message_to_engine
 
 EMBED = MockEmbedding(embed_dim=8)

@@ -9,7 +9,7 @@ from llama_index.core.embeddings import MockEmbedding
 from llama_index.core.schema import MetadataMode
 from pydantic import ValidationError
 
-from kvboost_rag.integration import engine_generation_options
+from kvboost_rag.frameworks.options import engine_generation_options
 from llama_index.llms.kvboost import KVBoostLLM, KVBoostSynthesizer, KVBoostWarmer
 
 EMBED = MockEmbedding(embed_dim=8)
@@ -71,7 +71,7 @@ def test_repetition_penalty_reaches_the_engine(tiny_engine):
 
 
 def test_generate_kwargs_are_forwarded(tiny_engine, monkeypatch):
-    import kvboost_rag.integration as integration
+    import kvboost_rag.frameworks.options as integration
 
     monkeypatch.setattr(integration, "engine_generation_options",
                         lambda: frozenset({"max_new_tokens", "temperature", "top_p", "top_k", "seed", "stop",

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from kvboost_rag_bench.integration_testing import REAL_MODEL_SKIP, load_example
+from kvboost_rag.testing.integration import REAL_MODEL_SKIP, load_example
 
 pytestmark = [pytest.mark.integration, pytest.mark.skipif(REAL_MODEL_SKIP is not None, reason=REAL_MODEL_SKIP or "")]
 
@@ -33,7 +33,7 @@ def test_query_engine_metadata_with_the_real_model(real_engine):
     from llama_index.core import Document, VectorStoreIndex
     from llama_index.core.embeddings import MockEmbedding
 
-    from kvboost_rag_bench.testing import DOCS
+    from kvboost_rag.testing.models import DOCS
     from llama_index.llms.kvboost import KVBoostLLM, KVBoostSynthesizer, KVBoostWarmer
 
     llm = KVBoostLLM(engine=real_engine, max_tokens=12)

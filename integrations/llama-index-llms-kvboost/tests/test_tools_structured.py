@@ -13,11 +13,11 @@ from llama_index.core.prompts import PromptTemplate
 from llama_index.core.tools import FunctionTool
 from pydantic import BaseModel, Field
 
-from kvboost_rag_bench.integration_testing import ScriptedOutput, make_tiny_engine
-from kvboost_rag_bench.testing import DOCS
+from kvboost_rag.testing.integration import ScriptedOutput, make_tiny_engine
+from kvboost_rag.testing.models import DOCS
 from llama_index.llms.kvboost import KVBoostLLM, message_to_engine
 
-from kvboost_rag_bench.integration_testing import make_tools_engine
+from kvboost_rag.testing.integration import make_tools_engine
 
 
 class AddArgs(BaseModel):

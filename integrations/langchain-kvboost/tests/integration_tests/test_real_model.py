@@ -16,7 +16,7 @@ from langchain_core.prompts import ChatPromptTemplate
 from langchain_core.runnables import RunnableLambda
 
 from langchain_kvboost import ChatKVBoost, documents_to_message, warm_documents
-from kvboost_rag_bench.integration_testing import REAL_MODEL_SKIP, load_example
+from kvboost_rag.testing.integration import REAL_MODEL_SKIP, load_example
 
 pytestmark = [pytest.mark.integration, pytest.mark.skipif(REAL_MODEL_SKIP is not None, reason=REAL_MODEL_SKIP or "")]
 

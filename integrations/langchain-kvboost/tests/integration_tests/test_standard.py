@@ -19,9 +19,9 @@ import pytest
 from langchain_core.messages import AIMessage, AIMessageChunk
 from langchain_tests.integration_tests import ChatModelIntegrationTests
 
-from kvboost_rag_bench.testing import DOCS
+from kvboost_rag.testing.models import DOCS
 from langchain_kvboost import ChatKVBoost, documents_to_message, warm_documents
-from kvboost_rag_bench.integration_testing import REAL_MODEL_SKIP, shared_real_engine
+from kvboost_rag.testing.integration import REAL_MODEL_SKIP, shared_real_engine
 
 #: Token budget of the structured-output tests (a joke object as JSON); the others keep 12 to stay fast.
 STRUCTURED_MAX_TOKENS = 160

@@ -14,7 +14,7 @@ from langchain_core.messages import AIMessage, AIMessageChunk, HumanMessage, Sys
 from langchain_core.prompts import ChatPromptTemplate, MessagesPlaceholder, PromptTemplate
 from langchain_core.runnables import RunnableLambda, RunnablePassthrough
 
-from kvboost_rag_bench.integration_testing import SlowEngine, drain_while_ticking
+from kvboost_rag.testing.integration import SlowEngine, drain_while_ticking
 from langchain_kvboost import (
     ChatKVBoost,
     DocumentsPrompt,

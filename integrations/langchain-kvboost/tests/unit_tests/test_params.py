@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 from pydantic import ValidationError
 
-from kvboost_rag.integration import engine_generation_options
+from kvboost_rag.frameworks.options import engine_generation_options
 from langchain_kvboost import ChatKVBoost, KVBoostLLM
 
 ENGINE_HAS_REPETITION_PENALTY = "repetition_penalty" in (engine_generation_options() or {"repetition_penalty"})
@@ -61,7 +61,7 @@ def test_repetition_penalty_reaches_the_engine(tiny_engine):
 
 def test_model_kwargs_are_forwarded_to_the_engine(tiny_engine, monkeypatch):
     """Whatever the engine accepts passes through as is (here: an option it gains later)."""
-    import kvboost_rag.integration as integration
+    import kvboost_rag.frameworks.options as integration
 
     monkeypatch.setattr(integration, "engine_generation_options",
                         lambda: frozenset({"max_new_tokens", "temperature", "top_p", "top_k", "seed", "stop",

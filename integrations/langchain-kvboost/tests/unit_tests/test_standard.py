@@ -13,7 +13,7 @@ from typing import Any
 from langchain_tests.unit_tests import ChatModelUnitTests
 
 from langchain_kvboost import ChatKVBoost
-from kvboost_rag_bench.integration_testing import shared_tools_engine
+from kvboost_rag.testing.integration import shared_tools_engine
 
 
 class TestChatKVBoostUnit(ChatModelUnitTests):

@@ -11,11 +11,11 @@ from langchain_core.messages import AIMessage, HumanMessage, ToolMessage
 from pydantic import BaseModel, Field
 
 from kvboost_rag.errors import InvalidInputError, StructuredOutputError, ToolsNotSupportedError
-from kvboost_rag_bench.integration_testing import make_tiny_engine
-from kvboost_rag_bench.testing import DOCS
+from kvboost_rag.testing.integration import make_tiny_engine
+from kvboost_rag.testing.models import DOCS
 from langchain_kvboost import ChatKVBoost, KVBoostLLM, documents_to_message, warm_documents
 
-from kvboost_rag_bench.integration_testing import ScriptedOutput, make_tools_engine
+from kvboost_rag.testing.integration import ScriptedOutput, make_tools_engine
 
 
 class Add(BaseModel):
@@ -86,10 +86,10 @@ def test_forced_tool_call_streams_as_one_chunk_with_the_call(model):
 def test_auto_tool_choice_parses_calls_written_by_the_model(engine, monkeypatch):
     model = ChatKVBoost(engine=engine, max_tokens=5)
     written = '<tool_call>\n{"name": "Add", "arguments": {"a": 1, "b": 2}}\n</tool_call>'
-    from kvboost_rag.tools import ToolTurn
+    from kvboost_rag.frameworks.tool_calls import ToolTurn
 
     monkeypatch.setattr(ToolTurn, "finish", lambda self, text, parsed=None: __import__(
-        "kvboost_rag.tools", fromlist=["parse_tool_calls"]).parse_tool_calls(written, self.style))
+        "kvboost_rag.prompt.tools", fromlist=["parse_tool_calls"]).parse_tool_calls(written, self.style))
     msg = model.bind_tools([Add]).invoke("add 1 and 2")
     assert msg.tool_calls[0]["name"] == "Add" and msg.tool_calls[0]["args"] == {"a": 1, "b": 2}
 
@@ -178,7 +178,7 @@ def test_document_kv_is_reused_under_tools_and_schemas(engine):
 # ------------------------------------------------------------------ the text LLM (KVBoostLLM)
 def test_text_llm_honours_response_format(engine):
     """KVBoostLLM constrains its answer to a bound or per-call ``response_format`` (the core's
-    :func:`kvboost_rag.integration.response_format_constraint`, as ChatKVBoost): every form parses."""
+    :func:`kvboost_rag.frameworks.options.response_format_constraint`, as ChatKVBoost): every form parses."""
     llm = KVBoostLLM(engine=engine, max_tokens=60)
     schema = City.model_json_schema()
     for fmt in ({"type": "json_schema", "json_schema": {"name": "City", "schema": schema}}, schema, City):

@@ -36,10 +36,11 @@ from llama_index.core.llms.callbacks import llm_chat_callback, llm_completion_ca
 from llama_index.core.llms.function_calling import FunctionCallingLLM
 from llama_index.core.llms.llm import ToolSelection
 
-from kvboost_rag import integration
+from kvboost_rag.frameworks import options as integration
 from kvboost_rag.errors import InvalidConfigError
-from kvboost_rag.streaming import TokenStream
-from kvboost_rag.tools import ToolCallStream, ToolTurn, prepare_tool_turn, supports_tools
+from kvboost_rag.serve.streaming import TokenStream
+from kvboost_rag.frameworks.tool_calls import ToolCallStream, ToolTurn, prepare_tool_turn
+from kvboost_rag.prompt.tools import supports_tools
 from llama_index.llms.kvboost.telemetry import current_sinks, deliver, install_response_metadata
 
 if TYPE_CHECKING:
@@ -63,7 +64,7 @@ def message_to_engine(message: ChatMessage) -> dict:
     refused (the engine serves text-only models). Tool use: an assistant turn's calls
     (``ToolCallBlock`` blocks, or OpenAI-style ``additional_kwargs["tool_calls"]``) are kept as the
     message's ``tool_calls``; a ``tool`` turn keeps ``additional_kwargs["tool_call_id"]`` / ``name``.
-    Role and joining rules: :mod:`kvboost_rag.integration`.
+    Role and joining rules: :mod:`kvboost_rag.frameworks.options`.
     """
     parts: list = []
     calls: list = []
@@ -102,7 +103,7 @@ class _StreamedChat:
     As LlamaIndex function-calling LLMs stream: every response carries the message so far
     (content and the complete tool calls so far, as ``ToolCallBlock`` blocks and in
     ``additional_kwargs["tool_calls"]``) and its ``delta`` (the new content). With tools the
-    deltas go through :class:`~kvboost_rag.tools.ToolCallStream`: text outside call blocks
+    deltas go through :class:`~kvboost_rag.prompt.tools.ToolCallStream`: text outside call blocks
     streams as decoded, each call comes in the response where its block completes. The closing
     response (``delta=""``, telemetry in ``additional_kwargs``) has the message ``chat`` returns.
     Without tools the message is the plain text so far, the closing one the engine's final text."""
@@ -223,7 +224,7 @@ class KVBoostLLM(integration.EngineHolder, FunctionCallingLLM):
         """The engine stream of one chat call (nothing runs until it is iterated) and the query
         engine responses its telemetry goes to (:mod:`.telemetry`), captured now: a streamed
         answer finishes after the synthesizer has returned. The stream carries ``tool_turn`` (a
-        :class:`~kvboost_rag.tools.ToolTurn` or None): ``tools`` / ``tool_choice`` in ``kwargs``
+        :class:`~kvboost_rag.prompt.tools.ToolTurn` or None): ``tools`` / ``tool_choice`` in ``kwargs``
         (from :meth:`_prepare_chat_with_tools`) render tools; ``response_format`` (a pydantic
         class, a JSON schema, ``{"type": "json_object"}``...) constrains the answer."""
         kwargs = dict(kwargs)

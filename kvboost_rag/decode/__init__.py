@@ -1,0 +1,1 @@
+"""The decode loop: sampling, stop sequences, penalties, constrained decoding (layer 2)."""

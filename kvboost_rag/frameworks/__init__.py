@@ -1,0 +1,1 @@
+"""What the LangChain and LlamaIndex integrations share: options, messages, telemetry, the lazy engine (layer 6)."""

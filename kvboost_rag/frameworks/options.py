@@ -1,0 +1,260 @@
+"""What the framework integrations share, once, with no framework import.
+
+``langchain-kvboost`` (``ChatKVBoost``, ``KVBoostLLM``) and ``llama-index-llms-kvboost``
+(``KVBoostLLM``) are thin: they turn framework objects into engine calls. The rules they have in
+common live here so that both behave alike:
+
+* **Engine ownership**: :class:`EngineHolder` - an object holding ``engine`` / ``model_id`` /
+  ``engine_kwargs`` loads the engine on first use (shared per model and options,
+  :meth:`KVBoostEngine.shared`), off the event loop in async code.
+* **Generation options**: :func:`generation_kwargs` merges an object's settings, its
+  pass-through options (``model_kwargs`` / ``generate_kwargs``) and per-call keyword arguments
+  into ``engine.stream`` arguments. Unknown names are an error, never dropped silently; names
+  the engine does not implement (``repetition_penalty``...) are refused with a clear message.
+  The accepted names are read from :meth:`KVBoostEngine.generate`'s signature, so an option the
+  core gains later passes through with no change here.
+* **Message translation**: :func:`engine_role`, :func:`engine_message`,
+  :func:`refuse_media` - framework roles to chat-template roles, text parts and document
+  segments to one engine chat message, media refused (the engine serves text-only models).
+* **Telemetry**: :func:`telemetry` (the measurements of one answer, for response metadata) and
+  :func:`usage` (token counts, reused KV reported as cache reads).
+"""
+from __future__ import annotations
+
+import asyncio
+import functools
+import inspect
+from typing import Any, Iterable, Mapping, Optional, Sequence
+
+from kvboost_rag.engine import LazyEngineMixin
+from kvboost_rag.errors import InvalidInputError
+
+
+# ---------------------------------------------------------------------------------------------
+# Engine ownership
+# ---------------------------------------------------------------------------------------------
+
+class EngineHolder(LazyEngineMixin):
+    """:class:`~kvboost_rag.engine.LazyEngineMixin` plus the async load both integrations need."""
+
+    async def aload_engine(self):
+        """:meth:`load_engine`, with a lazy load (seconds) run in a worker thread, not on the loop."""
+        if self.engine is None:
+            await asyncio.get_running_loop().run_in_executor(None, self.load_engine)
+        return self.engine
+
+
+# ---------------------------------------------------------------------------------------------
+# Generation options
+# ---------------------------------------------------------------------------------------------
+#: Options of Hugging Face ``generate()`` that users set on other integrations
+#: (``HuggingFacePipeline``, ``HuggingFaceLLM``). Passed through when the engine implements them;
+#: until then they are refused with a message saying so, instead of an "unknown option" error.
+HF_GENERATION_OPTIONS = frozenset({
+    "repetition_penalty", "frequency_penalty", "presence_penalty", "no_repeat_ngram_size", "min_p",
+    "typical_p", "min_new_tokens", "length_penalty", "num_beams", "do_sample", "bad_words_ids",
+    "encoder_repetition_penalty", "epsilon_cutoff", "eta_cutoff",
+})
+
+#: Framework spellings of engine option names.
+OPTION_ALIASES = {"max_tokens": "max_new_tokens", "stop_sequences": "stop"}
+
+# Options whose ``None`` means "the engine's default": left out of the engine call.
+_NONE_IS_DEFAULT = ("max_new_tokens", "strategy", "recompute_ratio", "timeout")
+_NOT_OPTIONS = ("prompt", "on_token")
+
+
+@functools.lru_cache(maxsize=None)
+def _signature_options(generate: Any) -> Optional[frozenset]:
+    params = inspect.signature(generate).parameters.values()
+    if any(p.kind is p.VAR_KEYWORD for p in params):
+        return None  # the engine checks its own keyword arguments
+    return frozenset(p.name for p in params if p.kind is p.KEYWORD_ONLY and p.name not in _NOT_OPTIONS)
+
+
+def engine_generation_options() -> Optional[frozenset]:
+    """Names ``engine.generate`` / ``engine.stream`` accept for one generation (``None``: not
+    knowable from the signature, the engine checks them itself)."""
+    from kvboost_rag.engine import KVBoostEngine
+
+    return _signature_options(KVBoostEngine.generate)
+
+
+def normalize_aliases(options: Mapping[str, Any], *, owner: str) -> dict:
+    """``max_tokens`` -> ``max_new_tokens`` (and other :data:`OPTION_ALIASES`); both spellings
+    with different values is an error."""
+    out: dict = {}
+    for name, value in options.items():
+        target = OPTION_ALIASES.get(name, name)
+        if target in out and out[target] != value:
+            raise InvalidInputError(f"{owner}: {name}={value!r} conflicts with {target}={out[target]!r}; give one")
+        out[target] = value
+    return out
+
+
+def check_generation_options(options: Mapping[str, Any], *, owner: str, where: str = "",
+                             reserved: Iterable[str] = (), error: type = InvalidInputError) -> dict:
+    """Validate pass-through options (constructor ``model_kwargs`` / ``generate_kwargs``, call
+    keyword arguments); returns them with aliases normalized.
+
+    ``reserved``: names that are fields of the calling object (``temperature``...): given in a
+    pass-through dict they would be ambiguous, so they are refused there.
+    """
+    options = normalize_aliases(options, owner=owner)
+    where = f" {where}" if where else ""
+    clash = sorted(set(options) & set(reserved))
+    if clash:
+        raise error(f"{owner}{where}: {clash} are parameters of {owner}; set them directly, not here")
+    supported = engine_generation_options()
+    if supported is None:
+        return options
+    unsupported = sorted(n for n in options if n not in supported and n in HF_GENERATION_OPTIONS)
+    if unsupported:
+        raise error(
+            f"{owner}{where}: {unsupported} not supported by this kvboost-rag engine (its decode loop has no "
+            f"such option yet); supported generation options: {sorted(supported)}")
+    unknown = sorted(n for n in options if n not in supported)
+    if unknown:
+        raise error(f"{owner}{where}: unknown argument(s) {unknown}; supported generation options: "
+                    f"{sorted(supported)}")
+    return options
+
+
+def generation_kwargs(settings: Mapping[str, Any], *, passthrough: Mapping[str, Any] = (),
+                      call: Mapping[str, Any] = (), owner: str) -> dict:
+    """``engine.stream`` keyword arguments for one call.
+
+    ``settings``: the object's own parameters, in engine names; ``passthrough``: its
+    ``model_kwargs`` / ``generate_kwargs``; ``call``: per-call keyword arguments (framework
+    names allowed, see :data:`OPTION_ALIASES`). Later sources win. Unknown names raise
+    :class:`~kvboost_rag.errors.InvalidInputError`; ``None`` for ``max_new_tokens``,
+    ``strategy``, ``recompute_ratio``, ``timeout`` keeps the engine default.
+    """
+    merged = dict(settings)
+    merged.update(check_generation_options(dict(passthrough), owner=owner, where="model options"))
+    merged.update(check_generation_options(dict(call), owner=owner, where="call"))
+    for name in _NONE_IS_DEFAULT:
+        if merged.get(name, 0) is None:
+            del merged[name]
+    if "temperature" in merged:
+        merged["temperature"] = float(merged["temperature"] or 0.0)
+    if merged.get("max_new_tokens") is not None:
+        merged["max_new_tokens"] = int(merged["max_new_tokens"])
+    stop = merged.get("stop")
+    if stop is not None:
+        merged["stop"] = [stop] if isinstance(stop, str) else (list(stop) or None)
+    return merged
+
+
+# ---------------------------------------------------------------------------------------------
+# Structured output
+# ---------------------------------------------------------------------------------------------
+def response_format_constraint(response_format: Any, *, owner: str):
+    """The :class:`~kvboost_rag.decode.constraints.Constraint` of an OpenAI-style ``response_format``, or
+    ``None`` for plain text.
+
+    Accepted: ``None`` / ``{"type": "text"}`` (no constraint), ``{"type": "json_object"}`` (any
+    object), ``{"type": "json_schema", "json_schema": {"schema": {...}, ...}}`` (OpenAI's form),
+    a JSON schema dict, or a pydantic class. Anything else raises
+    :class:`~kvboost_rag.errors.InvalidInputError`: a format is never silently ignored."""
+    from kvboost_rag.decode.constraints import json_object_constraint, json_schema_constraint
+
+    if response_format is None:
+        return None
+    if isinstance(response_format, type) or isinstance(response_format, str):
+        return json_schema_constraint(response_format)
+    if not isinstance(response_format, Mapping):
+        raise InvalidInputError(f"{owner}: response_format must be a dict or a pydantic class, "
+                                f"got {type(response_format).__name__}")
+    kind = response_format.get("type")
+    if kind == "text" and len(response_format) == 1:
+        return None
+    if kind == "json_object" and len(response_format) == 1:
+        return json_object_constraint()
+    if kind == "json_schema" and isinstance(response_format.get("json_schema"), Mapping):
+        spec = response_format["json_schema"]
+        schema = spec.get("schema")
+        if not isinstance(schema, Mapping):
+            raise InvalidInputError(f"{owner}: response_format json_schema needs a 'schema' dict")
+        return json_schema_constraint(dict(schema))
+    if "properties" in response_format or "$defs" in response_format or "anyOf" in response_format \
+            or kind in ("object", "array", "string", "integer", "number", "boolean"):
+        return json_schema_constraint(dict(response_format))
+    raise InvalidInputError(
+        f"{owner}: unsupported response_format {response_format!r:.120}; use {{'type': 'json_object'}}, "
+        "{'type': 'json_schema', 'json_schema': {'schema': {...}}}, a JSON schema or a pydantic class")
+
+
+def constrained_kwargs(kwargs: Mapping[str, Any], constraint: Any) -> dict:
+    """Generation keyword arguments with ``constraint`` set; stop sequences are dropped (the
+    grammar ends the answer, and the engine refuses both together)."""
+    out = dict(kwargs)
+    if constraint is not None:
+        out.pop("stop", None)
+        out["constraint"] = constraint
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Message translation
+# ---------------------------------------------------------------------------------------------
+#: Framework role names -> chat-template roles (LangChain message types, LlamaIndex roles).
+ROLE_ALIASES = {
+    "human": "user", "ai": "assistant", "chatbot": "assistant", "model": "assistant",
+    "developer": "system", "function": "tool",
+}
+
+
+def engine_role(role: Any) -> str:
+    """A framework role (``"human"``, ``MessageRole.CHATBOT``...) as a chat-template role."""
+    role = str(getattr(role, "value", role))
+    return ROLE_ALIASES.get(role, role)
+
+
+def engine_message(role: Any, parts: Sequence[Any]) -> dict:
+    """One engine chat message from ordered parts (``str`` and ``Segment.document``): plain text
+    when there is no document, else the parts as segments (the engine joins them)."""
+    parts = list(parts)
+    if all(isinstance(p, str) for p in parts):
+        return {"role": engine_role(role), "content": "".join(parts)}
+    return {"role": engine_role(role), "content": parts}
+
+
+def document_part(text: str):
+    """A document's text as an engine document segment (its stored KV is reused)."""
+    from kvboost_rag.prompt.segments import Segment
+
+    return Segment.document(text)
+
+
+def refuse_media(owner: str, kind: str) -> None:
+    """The engine serves text-only models: refuse image/audio/video/file inputs clearly."""
+    raise InvalidInputError(f"{owner} serves text-only models; got a {kind!r} content block")
+
+
+# ---------------------------------------------------------------------------------------------
+# Telemetry
+# ---------------------------------------------------------------------------------------------
+def telemetry(result: Any, model_name: str) -> dict:
+    """The measurements of one answer (no text) for response metadata: TTFT, reused / recomputed /
+    fresh tokens, documents in the prompt and documents whose KV came from the store."""
+    out = {"model_name": model_name, **result.telemetry()}
+    extra = getattr(result, "extra", None) or {}
+    for name in ("documents", "documents_reused"):
+        if name in extra:
+            out[name] = extra[name]
+    return out
+
+
+def usage(result: Any) -> dict:
+    """Token counts of one answer; reused KV tokens are the prompt's cache reads."""
+    prompt, completion = int(result.prompt_tokens), int(result.completion_tokens)
+    return {"input_tokens": prompt, "output_tokens": completion, "total_tokens": prompt + completion,
+            "cache_read_tokens": int(result.reused_tokens)}
+
+
+__all__ = [
+    "EngineHolder", "LazyEngineMixin", "HF_GENERATION_OPTIONS", "OPTION_ALIASES", "ROLE_ALIASES",
+    "engine_generation_options", "normalize_aliases", "check_generation_options", "generation_kwargs",
+    "engine_role", "engine_message", "response_format_constraint", "constrained_kwargs", "document_part", "refuse_media", "telemetry", "usage",
+]

@@ -1,0 +1,79 @@
+"""Turn documents into KV chunks: each encoded on its own, after a fixed canonical preamble.
+
+Why a preamble: the first tokens of a sequence become attention sinks. A document encoded with
+nothing before it stores sink-like KV for its first tokens, which is wrong once the document
+sits in the middle of a prompt. Encoding it after an instruction-style preamble (whose KV is
+then dropped) gives KV much closer to what the document has inside a real prompt.
+
+Batching: the preamble's KV is computed once and shared by every document in a batch; documents
+are right-padded, so with a causal mask no real token ever attends to padding (padding sits
+after every real token) and no attention mask is needed.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from transformers import DynamicCache
+
+from kvboost_rag.kv.chunk import KVChunk
+from kvboost_rag.kv.hf_compat import cache_kwargs, output_cache
+
+
+class ChunkEncoder:
+    """Encodes token-id lists into :class:`KVChunk` objects for one model and preamble."""
+
+    def __init__(self, model, preamble_ids: Sequence[int], fingerprint: str, encoding_version: str) -> None:
+        self.model = model
+        self.preamble_ids = list(preamble_ids)
+        self.fingerprint = fingerprint
+        self.encoding_version = encoding_version
+        self._preamble_kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.get_input_embeddings().weight.device
+
+    def _preamble(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        if self._preamble_kv is None:
+            ids = torch.tensor([self.preamble_ids], device=self.device)
+            out = self.model(input_ids=ids, use_cache=True, logits_to_keep=1)
+            self._preamble_kv = [(layer.keys, layer.values) for layer in output_cache(out).layers]
+        return self._preamble_kv
+
+    @torch.inference_mode()
+    def encode(self, docs_ids: Sequence[Sequence[int]], texts: Sequence[str | None] | None = None,
+               pad_id: int = 0) -> list[KVChunk]:
+        """One forward pass for the whole batch; returns one chunk per document (on CPU)."""
+        if not docs_ids:
+            return []
+        texts = list(texts) if texts is not None else [None] * len(docs_ids)
+        batch = len(docs_ids)
+        width = max(len(ids) for ids in docs_ids)
+        start = len(self.preamble_ids)
+        input_ids = torch.full((batch, width), pad_id, dtype=torch.long, device=self.device)
+        for i, ids in enumerate(docs_ids):
+            input_ids[i, : len(ids)] = torch.tensor(ids, dtype=torch.long)
+        cache = DynamicCache(config=self.model.config)
+        if start:
+            for layer_idx, (k, v) in enumerate(self._preamble()):
+                cache.update(k.expand(batch, -1, -1, -1), v.expand(batch, -1, -1, -1), layer_idx)
+        position_ids = torch.arange(start, start + width, device=self.device).unsqueeze(0).expand(batch, -1)
+        out = self.model(input_ids=input_ids, position_ids=position_ids, **cache_kwargs(cache),
+                         use_cache=True, logits_to_keep=1)
+        layers = output_cache(out).layers
+        keys = torch.stack([layer.keys[:, :, start:] for layer in layers], dim=1)  # [B, L, H, W, D]
+        values = torch.stack([layer.values[:, :, start:] for layer in layers], dim=1)
+        chunks = []
+        for i, ids in enumerate(docs_ids):
+            n = len(ids)
+            chunks.append(KVChunk(
+                keys=keys[i, :, :, :n].to("cpu").contiguous(),
+                values=values[i, :, :, :n].to("cpu").contiguous(),
+                start=start,
+                token_ids=tuple(int(t) for t in ids),
+                fingerprint=self.fingerprint,
+                text=texts[i],
+                meta={"encoding_version": self.encoding_version},
+            ))
+        return chunks

@@ -1,0 +1,241 @@
+"""Index time, with an engine at hand: plan, batch, encode and store documents, one report.
+
+This is the loop behind both ``engine.warm(texts)`` and :func:`kvboost_rag.app.warm.warm_corpus`
+(which adds document sources, engine construction and the Ray backend). It only calls engine
+methods (``tokenize_document``, ``chunk_key``, ``encode_batch``, ``register_text``), so it needs
+no import of the engine module.
+
+Properties, and why:
+
+* **Resumable**: before encoding, every document's key is checked with ``store.contains`` (the
+  store itself is the source of truth, no side manifest that could disagree with it), and each
+  batch is written as soon as it is encoded. After a crash, ``kill -9`` or Ctrl-C a rerun skips all
+  finished entries and loses nothing (the disk store's writes are atomic).
+* **Each document once**: identical documents (same key, i.e. same tokens for the same model)
+  are encoded once per run and reported as duplicates.
+* **Efficient batches**: pending documents are sorted by token count and cut into batches of
+  similar length, so ``engine.encode_batch``'s padding wastes little compute.
+* **Failures do not stop the job**: an empty document, a render error or a document longer than
+  the context window is reported with its reason; if a batch fails, its documents are retried one
+  by one so only the culprit fails.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
+
+from kvboost_rag.index.sources import CorpusDoc
+
+# Manifest row statuses.
+ENCODED, SKIPPED, DUPLICATE, FAILED = "encoded", "skipped", "duplicate", "failed"
+
+
+@dataclass
+class WarmReport:
+    """Outcome of a warm job.
+
+    documents: documents seen; encoded: entries written by this run; skipped: already in the store;
+    duplicates: identical to an earlier document of this run; failed: ``(document id, reason)``;
+    tokens: tokens encoded by this run; bytes_written: bytes the store reported writing;
+    seconds: time spent planning, encoding and writing (with Ray: the whole distributed job,
+    including actors loading the model).
+    """
+
+    documents: int = 0
+    encoded: int = 0
+    skipped: int = 0
+    duplicates: int = 0
+    failed: List[Tuple[str, str]] = field(default_factory=list)
+    tokens: int = 0
+    bytes_written: int = 0
+    seconds: float = 0.0
+    interrupted: bool = False
+    backend: str = "local"
+    load_seconds: float = 0.0  # building the engine / loading the model (local backend), not in ``seconds``
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / self.seconds if self.seconds > 0 else 0.0
+
+    def to_dict(self) -> Dict[str, Any]:
+        d = asdict(self)
+        d["failed"] = [{"id": i, "reason": r} for i, r in self.failed]
+        d["tokens_per_s"] = round(self.tokens_per_s, 1)
+        return d
+
+    def summary(self) -> str:
+        """Human-readable lines for the CLI."""
+        lines = [
+            f"documents seen   {self.documents}",
+            f"encoded          {self.encoded}",
+            f"skipped (stored) {self.skipped}",
+            f"duplicates       {self.duplicates}",
+            f"failed           {len(self.failed)}",
+            f"tokens encoded   {self.tokens}",
+            f"bytes written    {human_bytes(self.bytes_written)}",
+            f"throughput       {self.tokens_per_s:,.0f} tokens/s",
+            f"time             {self.seconds:.1f} s",
+        ]
+        for doc_id, reason in self.failed[:20]:
+            lines.append(f"  failed {doc_id}: {reason}")
+        if len(self.failed) > 20:
+            lines.append(f"  ... and {len(self.failed) - 20} more failures")
+        if self.interrupted:
+            lines.append("interrupted: rerun the same command to finish (stored entries are kept)")
+        return "\n".join(lines)
+
+    def _add_row(self, row: Dict[str, Any]) -> None:
+        status = row["status"]
+        if status == ENCODED:
+            self.encoded += 1
+            self.tokens += int(row["tokens"])
+            self.bytes_written += int(row["bytes"])
+        elif status == SKIPPED:
+            self.skipped += 1
+        elif status == DUPLICATE:
+            self.duplicates += 1
+        else:
+            self.failed.append((str(row["id"]), str(row["reason"])))
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n} B"
+
+
+def _row(doc: CorpusDoc, status: str, key: str = "", tokens: int = 0, nbytes: int = 0, reason: str = "") -> Dict[str, Any]:
+    return {"id": doc.id, "key": key, "tokens": tokens, "bytes": nbytes, "status": status, "reason": reason}
+
+
+# ------------------------------------------------------------- core steps
+def plan(
+    engine: Any, store: Any, docs: Iterable[CorpusDoc], seen: set, verify_existing: bool, register: bool
+) -> Tuple[List[Tuple[CorpusDoc, List[int], str]], List[Dict[str, Any]]]:
+    """Tokenize and key each document; split into pending work and rows already decided."""
+    pending, rows = [], []
+    limit = getattr(engine, "context_window", None)
+    for doc in docs:
+        if doc.error:
+            rows.append(_row(doc, FAILED, reason=doc.error))
+            continue
+        try:
+            ids = list(engine.tokenize_document(doc.text))
+        except Exception as exc:
+            rows.append(_row(doc, FAILED, reason=f"tokenization failed: {type(exc).__name__}: {exc}"))
+            continue
+        if not ids:
+            rows.append(_row(doc, FAILED, reason="empty document (no tokens)"))
+            continue
+        # the engine encodes each document after its preamble, so both must fit the window
+        overhead = len(getattr(engine, "preamble_ids", None) or ())
+        if limit and len(ids) + overhead > limit:
+            rows.append(_row(doc, FAILED, reason=f"{len(ids)} tokens (+{overhead} preamble) do not fit the context "
+                                                 f"window ({limit}); split the document into smaller chunks"))
+            continue
+        key = engine.chunk_key(ids)
+        if key in seen:
+            rows.append(_row(doc, DUPLICATE, key, len(ids)))
+            continue
+        seen.add(key)
+        stored = store.get(key, engine.fingerprint) is not None if verify_existing else store.contains(key, engine.fingerprint)
+        if stored:
+            if register:
+                engine.register_text(doc.text)
+            rows.append(_row(doc, SKIPPED, key, len(ids)))
+        else:
+            pending.append((doc, ids, key))
+    return pending, rows
+
+
+def batches(pending: List[Tuple[CorpusDoc, List[int], str]], batch_size: int, max_batch_tokens: Optional[int]):
+    """Sort by length (longest first: memory errors show up at once, ETA gets easier) and cut."""
+    ordered = sorted(pending, key=lambda p: len(p[1]), reverse=True)
+    batch: list = []
+    for item in ordered:
+        longest = len(batch[0][1]) if batch else len(item[1])
+        too_many_tokens = max_batch_tokens is not None and batch and longest * (len(batch) + 1) > max_batch_tokens
+        if len(batch) >= batch_size or too_many_tokens:
+            yield batch
+            batch = []
+        batch.append(item)
+    if batch:
+        yield batch
+
+
+def encode_and_store(engine: Any, store: Any, batch: Sequence[Tuple[CorpusDoc, List[int], str]], register: bool) -> List[Dict[str, Any]]:
+    """Encode one batch and write every entry at once; on failure retry documents one by one."""
+    try:
+        chunks = engine.encode_batch([doc.text for doc, _, _ in batch])
+        if len(chunks) != len(batch):
+            raise RuntimeError(f"encode_batch returned {len(chunks)} chunks for {len(batch)} texts")
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except Exception as exc:
+        if len(batch) == 1:
+            doc, ids, key = batch[0]
+            return [_row(doc, FAILED, key, len(ids), reason=f"encoding failed: {type(exc).__name__}: {exc}")]
+        rows = []
+        for item in batch:
+            rows.extend(encode_and_store(engine, store, [item], register))
+        return rows
+    rows = []
+    for (doc, ids, key), chunk in zip(batch, chunks):
+        if list(chunk.token_ids) != ids:
+            rows.append(_row(doc, FAILED, key, len(ids), reason="encode_batch produced other token ids than tokenize_document"))
+            continue
+        written = store.put(key, chunk)
+        if register:
+            engine.register_text(doc.text)
+        rows.append(_row(doc, ENCODED, key, len(ids), written))
+    return rows
+
+
+def interrupted(exc: KeyboardInterrupt, report: "WarmReport", t0: float) -> KeyboardInterrupt:
+    """Ctrl-C: mark the partial report and attach it to the exception being re-raised."""
+    report.interrupted = True
+    report.seconds = time.perf_counter() - t0
+    exc.report = report  # type: ignore[attr-defined]
+    return exc
+
+
+def index_documents(engine: Any, docs: Sequence[CorpusDoc], store: Any = None, *, batch_size: int = 8,
+                    max_batch_tokens: Optional[int] = None, verify_existing: bool = False, register: bool = True,
+                    progress: bool = False, on_batch: Optional[Callable[[List[Dict[str, Any]]], None]] = None,
+                    report: Optional[WarmReport] = None) -> WarmReport:
+    """Encode every document of ``docs`` that ``store`` (default ``engine.store``) lacks, and store it
+    (see the module docstring). On Ctrl-C the partial report is attached to the
+    ``KeyboardInterrupt`` as ``.report`` and the exception re-raised."""
+    from tqdm.auto import tqdm
+
+    store = store if store is not None else engine.store
+    report = report if report is not None else WarmReport(backend="local")
+    t0 = time.perf_counter()
+    bar = None
+    try:
+        report.documents = len(docs)
+        pending, rows = plan(engine, store, docs, set(), verify_existing, register)
+        for row in rows:
+            report._add_row(row)
+        total_tokens = sum(len(ids) for _, ids, _ in pending)
+        bar = tqdm(total=total_tokens, unit="tok", unit_scale=True, desc="warm", disable=not progress, dynamic_ncols=True)
+        done_docs = 0
+        for batch in batches(pending, batch_size, max_batch_tokens):
+            batch_rows = encode_and_store(engine, store, batch, register)
+            for row in batch_rows:
+                report._add_row(row)
+            done_docs += len(batch)
+            bar.update(sum(len(ids) for _, ids, _ in batch))
+            bar.set_postfix_str(f"docs {done_docs}/{len(pending)}", refresh=False)
+            if on_batch is not None:
+                on_batch(batch_rows)
+    except KeyboardInterrupt as exc:
+        raise interrupted(exc, report, t0)
+    finally:
+        if bar is not None:
+            bar.close()
+    report.seconds = time.perf_counter() - t0
+    return report

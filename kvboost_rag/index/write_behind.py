@@ -1,0 +1,311 @@
+"""Write-behind: documents a prompt carried but the store lacked are stored after the answer.
+
+Why: a chain whose documents were never warmed used to reuse nothing, silently, forever. Now the
+answer is computed exactly as before (the missing documents' tokens are fresh, so the answer is
+the same with this on or off), and once the answer is out each missing document is encoded
+alone and stored, exactly as ``engine.warm`` would do it (same call,
+:func:`kvboost_rag.index.job.index_documents`: same tokenization, key, preamble, store write and
+detector registration). The next prompt that holds the document reuses it.
+
+Which texts count as documents (candidates):
+
+* every document segment (explicit :meth:`Segment.document`, or found by automatic detection)
+  of an answer that did not reuse all of its documents; already stored ones are skipped by the
+  indexing step's ``store.contains`` check;
+* blocks of plain text recognised by :func:`recognise_documents` (conservative, see there):
+  the blank-line separated blocks stock chains paste retrieved documents as.
+
+Off the answer's clock: candidates are collected when the answer's stream has produced its
+result (so after the first token, and after the last), and a worker thread does the encoding.
+The worker is started lazily, exits as soon as its queue is empty (an idle engine holds no
+thread), and before each document waits until no generation is in flight, up to
+``idle_wait_s``; then it takes the engine's lock (inside ``encode_batch``) for that one document
+only. Under load that never pauses it goes ahead after the wait, so writes are not starved: a
+request arriving then waits for at most one document's encoding. The queue is bounded
+(``max_queue`` documents); beyond it documents are dropped and counted. The worker is a daemon:
+call :meth:`WriteBehind.flush` (``engine.flush_write_behind()``) before exiting a batch job.
+
+Also here, because it watches the same answers: a one-time warning when prompts keep arriving
+with nothing reused and write-behind cannot help (it is off, or the prompts hold nothing it
+recognises as a document).
+"""
+from __future__ import annotations
+
+import atexit
+import logging
+import re
+import threading
+import time
+import weakref
+from collections import OrderedDict, deque
+from typing import Any, Iterable, Iterator, Optional, Sequence
+
+from kvboost_rag.index.job import index_documents
+from kvboost_rag.prompt.segments import Segment
+from kvboost_rag.index.sources import CorpusDoc
+
+log = logging.getLogger("kvboost_rag")
+
+# A line that separates blocks: blank, or a horizontal rule of 3+ '-' / '=' / '_' / '*'
+# (LlamaIndex's default QA template fences its context with "---------------------").
+_RULE = re.compile(r"[-=_*]{3,}")
+# Blocks shorter than this are not taken for documents: instructions and questions are short,
+# retrieved chunks are usually several hundred characters.
+MIN_DOCUMENT_CHARS = 200
+
+
+def _is_separator(line: str) -> bool:
+    s = line.strip()
+    return not s or _RULE.fullmatch(s) is not None
+
+
+def recognise_documents(segments: Sequence[Segment], special_tokens: Iterable[str] = (),
+                        min_chars: int = MIN_DOCUMENT_CHARS) -> list[str]:
+    """Texts inside a prompt's *text* segments that are laid out like pasted documents.
+
+    Conservative on purpose (a false positive costs a background encoding and a store entry,
+    never a wrong answer: a stored text is only reused where it occurs verbatim). A block is a
+    run of lines between separator lines (blank lines or rules such as ``-----``); it is taken
+    when all of these hold:
+
+    * a separator line (or, at a text segment's start, a document segment followed by a newline)
+      comes before it, and one comes after it: the first block of a prompt (its instruction)
+      and the last (its question) never qualify;
+    * it is at least ``min_chars`` characters long (stripped);
+    * it holds none of the tokenizer's special-token strings (chat-template markers).
+
+    This matches what stock chains produce: LangChain's ``create_stuff_documents_chain`` and
+    ``RetrievalQA`` join ``page_content`` with ``"\\n\\n"`` between an instruction and a question,
+    LlamaIndex's text-QA template puts ``"\\n\\n"``-joined node texts between two rules, and
+    :func:`kvboost_rag.prompt.chat.render_chat` joins message parts with blank lines. A document with
+    blank lines inside is stored paragraph by paragraph (each part is still reused verbatim).
+    """
+    specials = [s for s in special_tokens if s]
+    found: list[str] = []
+    n = len(segments)
+    i = 0
+    while i < n:
+        if segments[i].is_document:
+            i += 1
+            continue
+        j = i
+        while j < n and not segments[j].is_document:
+            j += 1
+        span = "".join(s.text for s in segments[i:j])  # consecutive text segments are contiguous
+        doc_after = j < n
+        lines = span.splitlines(keepends=True)
+        k = 0
+        while k < len(lines):
+            if _is_separator(lines[k]):
+                k += 1
+                continue
+            start = k
+            while k < len(lines) and not _is_separator(lines[k]):
+                k += 1
+            left = start > 0
+            right = k < len(lines) or (doc_after and lines[k - 1].endswith(("\n", "\r")))
+            text = "".join(lines[start:k]).strip()
+            if left and right and len(text) >= min_chars and not any(s in text for s in specials):
+                found.append(text)
+        i = j
+    return found
+
+
+_LIVE: "weakref.WeakSet[WriteBehind]" = weakref.WeakSet()
+
+
+@atexit.register
+def _shutdown_workers() -> None:
+    """At interpreter exit, let each worker finish the documents already queued (a script that
+    answered one question and returned leaves its documents stored for the next run), within
+    :attr:`WriteBehind.exit_drain_s`; then drop the rest and wait for the one being encoded.
+
+    A daemon thread still inside torch while the interpreter finalizes aborts the process
+    ("terminate called without an active exception", exit code 134): a script that answered
+    one question and returned would fail."""
+    for writer in list(_LIVE):
+        writer.close(drain_s=writer.exit_drain_s)
+
+
+class WriteBehind:
+    """Per-engine write-behind queue, worker and counters (see the module docstring).
+
+    Counters (documents): ``queued``, ``written`` (encoded and stored), ``skipped`` (already in the
+    store when the worker got to them), ``dropped`` (queue full), ``failed``.
+    """
+
+    max_queue = 64          # documents waiting at most; more are dropped (and counted)
+    idle_wait_s = 2.0       # how long the worker waits for no generation in flight
+    warn_after = 3          # consecutive prompts with nothing reused before the one warning
+    exit_drain_s = 10.0     # at interpreter exit, how long queued documents may still be encoded
+
+    def __init__(self, engine: Any) -> None:
+        self._engine = engine
+        self._cond = threading.Condition()
+        self._queue: deque[str] = deque()
+        self._pending: set[str] = set()           # queued or being encoded
+        self._failed: "OrderedDict[str, None]" = OrderedDict()  # not retried (bounded)
+        self._thread: Optional[threading.Thread] = None
+        self._active = 0                          # generations in flight
+        self.queued = self.written = self.skipped = self.dropped = self.failed = 0
+        self._no_reuse_run = 0
+        self.warned = False
+        self._closed = False
+        _LIVE.add(self)
+
+    def close(self, timeout: Optional[float] = 30.0, drain_s: float = 0.0) -> None:
+        """Stop taking documents; give the worker up to ``drain_s`` s to encode the queued ones
+        (it no longer waits for generations to finish), then drop what is left (counted as
+        dropped) and wait up to ``timeout`` s for the one being encoded."""
+        with self._cond:
+            self._closed = True
+            thread = self._thread
+            self._cond.notify_all()
+        if drain_s > 0 and thread is not None and thread is not threading.current_thread():
+            thread.join(drain_s)
+        with self._cond:
+            self.dropped += len(self._queue)
+            for text in self._queue:
+                self._pending.discard(text)
+            self._queue.clear()
+            thread = self._thread
+            self._cond.notify_all()
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(timeout)
+
+    @property
+    def enabled(self) -> bool:
+        return bool(getattr(self._engine.config, "write_behind", True))
+
+    def stats(self) -> dict:
+        with self._cond:
+            return {"enabled": self.enabled, "queued": self.queued, "written": self.written,
+                    "skipped": self.skipped, "dropped": self.dropped, "failed": self.failed,
+                    "pending": len(self._pending)}
+
+    # ------------------------------------------------------------------ request side
+    def track(self, prompt: Any, events: Iterator[tuple[str, Any]]) -> Iterator[tuple[str, Any]]:
+        """Wrap one generation's event stream: mark it in flight, and once it has produced its
+        result (first and last token out) offer its missing documents to the worker."""
+        with self._cond:
+            self._active += 1
+        result = None
+        try:
+            for item in events:
+                if item[1] is not None:
+                    result = item[1]
+                yield item
+        finally:
+            events.close()
+            with self._cond:
+                self._active -= 1
+                self._cond.notify_all()
+        if result is not None:
+            try:
+                self.after_answer(prompt, result)
+            except Exception:  # never fail an answer that is already out
+                log.exception("kvboost_rag: write-behind bookkeeping failed")
+
+    def after_answer(self, prompt: Any, result: Any) -> None:
+        """Queue the answer's missing documents; note whether anything was reused."""
+        if result.strategy == "full" or result.prompt_tokens <= 0:
+            return  # a full prefill asks for no reuse
+        offered = self._offer(self.candidates(prompt, result)) if self.enabled else 0
+        with self._cond:
+            if result.reused_tokens > 0:
+                self._no_reuse_run = 0
+            if result.reused_tokens > 0 or offered:  # reuse, or write-behind will give some next time
+                return
+            self._no_reuse_run += 1
+            run = self._no_reuse_run
+            warn = run >= self.warn_after and not self.warned
+            self.warned = self.warned or warn
+        if warn:
+            log.warning(
+                "kvboost_rag: the last %d prompts reused no stored KV (every token was computed "
+                "fresh, so there is no speed-up). Warm the corpus first (engine.warm(texts) or "
+                "`kvboost-rag warm`, with exactly the rendered text the chain inserts), or pass "
+                "documents as segments (Segment.document, langchain_kvboost.DocumentsPrompt, "
+                "KVBoostSynthesizer) and keep write_behind on so they are stored after first use.",
+                run)
+
+    def candidates(self, prompt: Any, result: Any) -> list[str]:
+        """Document texts of ``prompt`` that may be missing from the store (see module docstring)."""
+        engine = self._engine
+        try:
+            segments = engine.segments(prompt)
+        except Exception:
+            return []  # e.g. a one-shot iterable already consumed
+        extra = getattr(result, "extra", None) or {}
+        texts = []
+        if extra.get("documents_reused", 0) < extra.get("documents", 0):
+            texts = [s.text for s in segments if s.is_document]
+        specials = getattr(engine.tokenizer, "all_special_tokens", ()) or ()
+        texts += recognise_documents(segments, specials)
+        return list(dict.fromkeys(texts))
+
+    def _offer(self, texts: Sequence[str]) -> int:
+        """Queue ``texts`` (bounded; duplicates of pending ones ignored); returns how many were
+        offered, queued or already pending."""
+        offered = 0
+        with self._cond:
+            if self._closed:
+                return 0
+            for text in texts:
+                if text in self._failed:
+                    continue
+                offered += 1
+                if text in self._pending:
+                    continue
+                if len(self._queue) >= self.max_queue:
+                    self.dropped += 1
+                    continue
+                self._queue.append(text)
+                self._pending.add(text)
+                self.queued += 1
+            if self._queue and self._thread is None:
+                self._thread = threading.Thread(target=self._work, name="kvboost-write-behind", daemon=True)
+                self._thread.start()
+        return offered
+
+    # ------------------------------------------------------------------ worker side
+    def _work(self) -> None:
+        while True:
+            with self._cond:
+                if not self._queue:
+                    self._thread = None  # exits; the next offer starts a new one
+                    self._cond.notify_all()
+                    return
+                deadline = time.monotonic() + self.idle_wait_s
+                while self._active and not self._closed and (left := deadline - time.monotonic()) > 0:
+                    self._cond.wait(left)
+                if not self._queue:  # closed while waiting
+                    continue
+                text = self._queue.popleft()
+            try:
+                report = index_documents(self._engine, [CorpusDoc("write-behind", text, "write-behind")],
+                                         batch_size=1)
+                ok, failed = report.encoded + report.skipped, len(report.failed)
+                if failed:
+                    log.debug("kvboost_rag: write-behind could not store a document: %s", report.failed)
+            except Exception:
+                log.debug("kvboost_rag: write-behind failed", exc_info=True)
+                report, ok, failed = None, 0, 1
+            with self._cond:
+                if report is not None:
+                    self.written += report.encoded
+                    self.skipped += report.skipped
+                self.failed += failed
+                if failed and not ok:
+                    self._failed[text] = None
+                    while len(self._failed) > 1024:
+                        self._failed.popitem(last=False)
+                self._pending.discard(text)
+                self._cond.notify_all()
+
+    def flush(self, timeout: Optional[float] = None) -> bool:
+        """Wait until every queued document is written (or failed); False on timeout.
+
+        Do not call it while holding the engine's lock: the worker needs that lock to encode."""
+        with self._cond:
+            return self._cond.wait_for(lambda: not self._pending, timeout)

@@ -1,0 +1,1 @@
+"""Model loading, packaged models, fingerprints and per-architecture adapters (layer 1)."""

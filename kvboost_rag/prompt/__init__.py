@@ -1,0 +1,1 @@
+"""Prompts as the engine sees them: segments, document detection, chat rendering, tool templates (layer 1)."""

@@ -1,0 +1,1 @@
+"""Serving: requests, the continuous-batching scheduler, streaming (layer 4)."""
