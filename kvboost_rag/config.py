@@ -36,8 +36,8 @@ class BlendConfig:
     check_layer: layer at which the deviation rules measure (layers before it run for all tokens).
     sink_tokens: first tokens of each reused document always recomputed (they were attention
         sinks when the document was encoded alone).
-    block_size: query block size of the masked attention over scattered tokens (128 measured
-        3-4% lower TTFT than 64 or 192 on the benchmark's 8-document prompts).
+    block_size: query block size of the masked attention over scattered tokens (128 was the
+        fastest block size on the benchmark's prompts; see docs/benchmarks.md).
     reused_key_scale: factor on the keys of reused tokens that are not recomputed (an attention
         temperature of 1/scale on stale KV, APE-style; 1.0 = off). Recomputed tokens get fresh
         keys, so at ratio 1.0 the result is a full prefill's whatever the factor.
@@ -51,7 +51,6 @@ class BlendConfig:
     reused_key_scale: float = 1.0
 
     def __post_init__(self) -> None:
-        
         ratio = self.recompute_ratio
         if isinstance(ratio, bool) or not (isinstance(ratio, (int, float)) and 0.0 <= ratio <= 1.0):
             raise InvalidConfigError(f"recompute_ratio must be a number within [0, 1], got {ratio!r}")
@@ -63,17 +62,16 @@ class BlendConfig:
             raise InvalidConfigError("check_layer and sink_tokens must be >= 0, block_size >= 1")
 
 
-
-
 @dataclass(frozen=True)
 class EngineConfig:
     """strategy: default for every call. ``"cacheblend"``: stored KV re-rotated and repaired by
         selective recompute; ``"reuse"``: re-rotation only; ``"full"``: plain prefill (baseline).
     blend: how the blend recomputes (:class:`BlendConfig`: recompute_ratio,
         selection, check_layer, sink_tokens, block_size, reused_key_scale). The default,
-        question-attention selection of 10% plus 4 sink tokens per document, is the measured best
-        speed/fidelity point (README). Its fields are also accepted flat by :meth:`replace`,
-        :meth:`from_kwargs` and the engine's keyword arguments (``recompute_ratio=0.2``).
+        question-attention selection of 10% plus 4 sink tokens per document, is the best
+        speed/fidelity trade-off on the benchmark (docs/benchmarks.md). Its fields are also
+        accepted flat by :meth:`replace`, :meth:`from_kwargs` and the engine's keyword arguments
+        (``recompute_ratio=0.2``).
     preamble: text every document is encoded after (its KV dropped); default: the chat template's
         system turn, so documents are encoded as they will sit in a prompt.
     model_name: label for telemetry and framework metadata.
@@ -83,11 +81,10 @@ class EngineConfig:
         the answer itself is unchanged. False: nothing is ever written at query time.
     batching: concurrent requests (threads calling generate/stream, ``generate_batch``) decode
         together, one forward per step for all of them (:mod:`kvboost_rag.serve.scheduler`); False: each
-        request runs in its caller's thread under the engine's lock, one after another per step
-        (measured on SmolLM2 bf16, 8 prompts of ~2.9k tokens, 128 new tokens: 2.9x the output-token
-        throughput of sequential at 8 concurrent requests, greedy answers identical; a lone request
-        runs in its caller's thread, as fast as with batching off; ``kvboost-rag bench
-        --concurrency``).
+        request runs in its caller's thread under the engine's lock, one after another per step.
+        Batching raises output-token throughput under concurrent requests without changing greedy
+        answers, and a lone request still runs in its caller's thread, as fast as with batching
+        off (docs/benchmarks.md; ``kvboost-rag bench --concurrency``).
     max_batch: most requests decoded together; others wait (prefilled) for a free row.
     max_waiting: most requests waiting for their prefill; one more is a
         :class:`~kvboost_rag.errors.SchedulerFullError`.

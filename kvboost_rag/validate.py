@@ -1,8 +1,9 @@
 """Checks of values that cross the public boundary, in one place.
 
-Every public entry point (``engine.generate/stream/prefill/warm``, :class:`~.generate.SamplingParams`,
-:class:`~.segments.Segment`, chat rendering, corpus files, the CLI's argparse types) validates its
-arguments with these helpers, so a bad value gets the same kind of error everywhere: a
+Every public entry point (``engine.generate/stream/prefill/warm``,
+:class:`~kvboost_rag.decode.loop.SamplingParams`, :class:`~kvboost_rag.prompt.segments.Segment`,
+chat rendering, corpus files, the CLI's argparse types) validates its arguments with these
+helpers, so a bad value gets the same kind of error everywhere: a
 :class:`~.errors.KVBoostError` subclass whose message says what was wrong and what is accepted.
 
 Rules (documented behaviour, not guesses):

@@ -16,9 +16,10 @@ arrive with re-rotated KV ("reused" tokens); every other token is "fresh" and al
 At ratio 1.0 every token runs every layer and the result equals a full prefill to float rounding
 (tested for every model family).
 
-Layout: :mod:`.config` (fixed settings), :mod:`.attention` (the attention function and its
-per-request :class:`~.attention.BlendMetadata`), :mod:`.layers` (the layer runner),
-:mod:`.selection` (the rule registry).
+Layout: :class:`BlendConfig` and the rule registry :data:`SELECTION_RULES` live in
+:mod:`kvboost_rag.config`; :mod:`.attention` (the attention function and its per-request
+:class:`~.attention.BlendMetadata`), :mod:`.layers` (the layer runner), :mod:`.selection` (the
+rules).
 """
 from __future__ import annotations
 

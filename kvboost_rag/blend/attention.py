@@ -41,8 +41,8 @@ class BlendMetadata:
     cos_sin: Optional[tuple] = None
 
 
-# Fixed cost of one attention call, in (query tokens x keys) of attention work: measured on the
-# CPU flash kernel (bfloat16 and float32), a call costs about as much as 40 queries over 1k keys.
+# Fixed cost of one attention call, in (query tokens x keys) of attention work: on the CPU flash
+# kernel (bfloat16 and float32) a call costs about as much as 40 queries over 1k keys.
 BLOCK_CALL_COST = 40 * 1024
 _PLAN_UNIT = 16   # blocks are planned in units of this many queries
 
@@ -51,7 +51,7 @@ def plan_blocks(positions: list[int], max_block: int, call_cost: int = BLOCK_CAL
     """Split sorted query positions into blocks (``(start, stop)`` index slices) minimising the
     attention work: a block of ``n`` queries ending at position ``p`` costs ``n * (p + 1)`` key
     reads plus ``call_cost``. Exact dynamic programme over units of 16 queries (blocks of at most
-    ``max_block``): a few dozen units, well under a millisecond."""
+    ``max_block``): a few dozen units, so planning costs little next to the attention it plans."""
     count = len(positions)
     unit = max(1, min(_PLAN_UNIT, max_block))
     cuts = list(range(0, count, unit)) + [count]       # unit boundaries
@@ -107,8 +107,8 @@ def blended_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tenso
 def _attention_and_probabilities(q, k, v, mask, scale):
     """float32 models: plain attention that also returns its probabilities ([1, kv_heads, rows,
     keys]). One QK product serves the output (to go on to the next layer) and the ranking; on the
-    benchmark's 20 prompts TTFT was 2.4-2.7% lower than the fused kernel plus a second product,
-    top-1 and KL identical."""
+    benchmark's prompts that is faster than the fused kernel plus a second product, with
+    identical top-1 and KL."""
     logits = torch.matmul(q, k.transpose(-1, -2)).mul_(scale).add_(mask)
     probs = torch.softmax(logits, dim=-1)
     return torch.matmul(probs, v), probs
@@ -120,8 +120,7 @@ def _row_probabilities(q, k, mask, scale, rows, groups) -> torch.Tensor:
 
     The block's output comes from the fused kernel; only the question's rows (a few dozen) get a
     second QK product, in the model's dtype (it rides the fast matmul kernels; float copies of K
-    and V would not), with the softmax in float32. SmolLM2 in bfloat16 on an AMX CPU (one thread,
-    8 documents): the probe took 139 ms instead of 165 ms."""
+    and V would not, and would make the probe slower), with the softmax in float32."""
     _, kv_heads, _, dim = q.shape
     n = rows.shape[0]
     qr = q.view(kv_heads, groups, n, dim)[:, :, rows].reshape(kv_heads, -1, dim)
@@ -132,7 +131,7 @@ def _row_probabilities(q, k, mask, scale, rows, groups) -> torch.Tensor:
 
 def _block_mask(pos: torch.Tensor, groups: int, dtype: torch.dtype) -> torch.Tensor:
     """Causal mask by absolute position for one query block, additive and float: [1, 1, groups * n,
-    end] with ``end`` = last position + 1 (the CPU flash kernel runs ~40% faster with a float mask
+    end] with ``end`` = last position + 1 (the CPU flash kernel runs faster with a float mask
     than with a bool one)."""
     end = int(pos[-1]) + 1
     allowed = torch.arange(end, device=pos.device).unsqueeze(0) <= pos.unsqueeze(1)

@@ -5,10 +5,10 @@ A rule is one function ``rule(ctx: SelectionContext) -> Selection`` and one line
 chosen positions (every must-compute token included, via :meth:`SelectionContext.choose`) and the
 hidden state it reached, so the blend goes on from there without repeating work.
 
-* ``"attention"`` (the default): the question ranks the documents. Measured in this project, the
-  error that changes answers is what the question reads, not where the KV deviates most: at 10%
-  this rule reached top-1 0.922 / KL 0.023 against 0.894 / 0.036 for an oracle that recomputes the
-  most-deviating tokens (DESIGN.md, "Answer quality").
+* ``"attention"`` (the default): the question ranks the documents. The error that changes
+  answers is in what the question reads, not where the KV deviates most, so at the same ratio
+  this rule keeps answers closer to a full prefill than an oracle that recomputes the
+  most-deviating tokens (docs/architecture.md; figures in docs/benchmarks.md).
 * ``"value"`` / ``"key"``: CacheBlend's rule (EuroSys 2025): run every token up to the check
   layer and recompute the reused tokens whose V (or K) deviates most from the stored one.
 """
@@ -86,9 +86,9 @@ def question_attention(ctx: SelectionContext) -> Selection:
     """Rank reused tokens by the question's attention (:func:`question_scores`); the top share
     then runs every layer.
 
-    Sink tokens stay out of the probe (about half its tokens): their stored KV serve the ranking
-    as well as recomputed ones. On the benchmark's 20 prompts top-1 and KL were unchanged and
-    TTFT ~6% lower."""
+    Sink tokens stay out of the probe: their stored KV serve the ranking as well as recomputed
+    ones, and leaving them out shortens the probe without changing top-1 or KL on the benchmark
+    (docs/benchmarks.md)."""
     with phase("probe"):
         selected = ctx.choose(question_scores(ctx)[ctx.candidates])
     return Selection(selected, ctx.runner.embeddings[selected], 0)

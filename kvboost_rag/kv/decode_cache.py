@@ -3,9 +3,8 @@
 transformers' ``DynamicCache`` appends each new token with ``torch.cat``, which copies the whole
 cache of every layer at every step, a cost that grows with the prompt. :func:`with_room` moves a
 prompt's cache once into buffers with room for the answer, so each step writes one slot per
-layer instead. On SmolLM2 with 8 retrieved documents (~2.9k tokens) decoding went from 17.6 to
-20.9 tokens/s on a 2-core CPU, at 16 documents from 11.4 to 14.8 (``benchmarks/decode_bench.py``);
-the move itself took ~18 ms.
+layer instead: decoding over long RAG prompts gets faster, for the price of that one copy
+(``benchmarks/decode_bench.py``; figures in docs/benchmarks.md).
 
 The layers stay ``DynamicLayer``s to the rest of transformers: ``keys``/``values`` are views of
 the filled part of the buffers, so sequence length, masks and ``crop`` work unchanged. Anything
@@ -79,7 +78,7 @@ class InPlaceLayer(DynamicLayer):
 
 def with_room(cache: DynamicCache, room: int) -> DynamicCache:
     """``cache`` with every plain ``DynamicLayer`` replaced by an :class:`InPlaceLayer` holding
-    its tokens plus space for ``room`` more (one copy now instead of one per decoded token).
+    its tokens plus space for ``room`` more (one copy up front instead of one per decoded token).
     Other layer kinds are left as they are."""
     for index, layer in enumerate(cache.layers):
         if type(layer) is DynamicLayer and layer.is_initialized and layer.keys.numel() > 0:

@@ -70,8 +70,8 @@ class RopeRotator:
             return
         if keys.dtype.itemsize < 4:
             # bfloat16/float16: one small matmul with float32 accumulation, rounded once, rides the
-            # fast matmul kernels (on an AMX CPU 2.6x faster than the four element-wise passes
-            # below, each of which rounds to the low precision).
+            # fast matmul kernels (faster than the four element-wise passes below, each of which
+            # rounds to the low precision).
             out.copy_(torch.matmul(keys, self.matrix(int(delta), keys.dtype, keys.device, keys.shape[-1])))
             return
         cos, sin = self.cos_sin(int(delta), keys.dtype, keys.device)

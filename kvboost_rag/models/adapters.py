@@ -172,7 +172,7 @@ def adapter_for(model, *, warn_untested: bool = True) -> ModelAdapter:
         if attn is None or not all(hasattr(attn, p) for p in ("q_proj", "k_proj", "v_proj", "o_proj", "head_dim")):
             raise UnsupportedModelError(
                 f"model type '{model_type}' has no kvboost-rag adapter and not the Llama attention layout "
-                "(q_proj/k_proj/v_proj/o_proj); add one in kvboost_rag/adapters.py")
+                "(q_proj/k_proj/v_proj/o_proj); add one in kvboost_rag/models/adapters.py")
         adapter = ModelAdapter(model_type, separate_qkv, tested=False)
         if warn_untested:
             warnings.warn(

