@@ -46,7 +46,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from kvboost_rag.kv.chunk import KVChunk  # noqa: E402
-from kvboost_rag.store.disk import DiskStore, _checksum, _dtype_name, _tensor_bytes  # noqa: E402
+from kvboost_rag.store.disk import DiskStore  # noqa: E402
+from kvboost_rag.store.entry_format import _checksum, _dtype_name, _tensor_bytes  # noqa: E402
 from kvboost_rag.errors import StoreError  # noqa: E402
 
 FP = "campaign-fp"
@@ -236,7 +237,7 @@ def make_fault(kind: str, root: Path, outside: Path, blob: bytes) -> list:
         dead = CTX.Process(target=int)
         dead.start()
         dead.join()
-        from kvboost_rag.store.disk import _HOST
+        from kvboost_rag.store.safe_files import _HOST
 
         stale = bad.parent / f".{BAD}.safetensors.{_HOST}.{dead.pid}.0123abcd.tmp"
         stale.write_bytes(b"partial")

@@ -22,13 +22,12 @@ import hashlib
 import importlib.util
 import json
 import os
-import tempfile
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Optional
 
-from kvboost_rag.files import fsync_dir
+from kvboost_rag.files import atomic_file, fsync_dir
 from kvboost_rag.errors import PackagedModelCorruptError, PackagedModelError, PackagedModelNotInstalledError
 
 try:  # POSIX: serialise assemblers; elsewhere the atomic rename alone keeps readers safe
@@ -212,22 +211,6 @@ def _assembly_lock(target: Path) -> Iterator[bool]:
             fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
 
 
-@contextmanager
-def _atomic_file(target: Path) -> Iterator:
-    """Open a temp file next to ``target``; on a clean exit fsync it and rename it over ``target``,
-    on any error delete it. Readers see the old file or the whole new one, never a part."""
-    fd, tmp = tempfile.mkstemp(prefix=target.name + ".", suffix=".tmp", dir=target.parent)
-    try:
-        with os.fdopen(fd, "wb") as out:
-            yield out
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _copy_and_hash(parts: list[Path], out) -> tuple[int, str]:
     """Concatenate ``parts`` into the open file ``out``, hashing as it streams."""
     digest, total = hashlib.sha256(), 0
@@ -263,13 +246,13 @@ def _assemble(entry: PackagedModel) -> Path:
         size = sum(p.stat().st_size for p in parts)
         if entry.size is not None and size != entry.size:
             raise _corrupt(entry, f"add up to {size} bytes")
-        with _atomic_file(target) as out:
+        with atomic_file(target) as out:
             written, sha = _copy_and_hash(parts, out)
             if (entry.size is not None and written != entry.size) or (entry.sha256 and sha != entry.sha256):
                 raise _corrupt(entry, f"assemble into {written} bytes with sha256 {sha}")
             out.flush()
             identity = _file_identity(os.fstat(out.fileno()))  # fsync and rename keep size, mtime, inode
-        with _atomic_file(_marker_path(target)) as out:
+        with atomic_file(_marker_path(target)) as out:
             out.write(json.dumps({"sha256": entry.sha256, "file": identity}).encode())
         fsync_dir(target.parent)  # the renames survive power loss
     return target

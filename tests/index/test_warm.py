@@ -12,7 +12,8 @@ import pytest
 from kvboost_rag.testing.store import (PYTHON, FakeEngine, make_docs, other_tiny_model_factory, python_env,
                             tiny_model_factory)
 from kvboost_rag.index.sources import CorpusError, load_documents, template_render
-from kvboost_rag.store.disk import DiskStore, TieredStore
+from kvboost_rag.store.disk import DiskStore
+from kvboost_rag.store.tiered import TieredStore
 from kvboost_rag.errors import InvalidConfigError
 from kvboost_rag.store.memory import MemoryStore
 from kvboost_rag.app.warm import WarmReport, warm_corpus

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from kvboost_rag.testing.store import PYTHON, python_env, synthetic_chunk
-from kvboost_rag.store.disk import DiskStore, TieredStore, default_store_dir, open_store
+from kvboost_rag.store.disk import DiskStore, default_store_dir
+from kvboost_rag.store.tiered import TieredStore, open_store
 from kvboost_rag.errors import InvalidConfigError, StoreError
 from kvboost_rag.store.memory import KVStore, MemoryStore
 

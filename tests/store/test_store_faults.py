@@ -14,7 +14,9 @@ from safetensors.torch import save as st_save
 
 from kvboost_rag.testing.store import PYTHON, python_env, synthetic_chunk
 from kvboost_rag.app.cli import main
-from kvboost_rag.store.disk import _HOST, DiskStore, _checksum, _dtype_name, _tensor_bytes
+from kvboost_rag.store.disk import DiskStore
+from kvboost_rag.store.entry_format import _checksum, _dtype_name, _tensor_bytes
+from kvboost_rag.store.safe_files import _HOST
 from kvboost_rag.errors import StoreError
 
 KEY = "3f" + "a1" * 31
