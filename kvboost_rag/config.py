@@ -16,6 +16,9 @@ from kvboost_rag.errors import InvalidConfigError
 
 STRATEGIES = ("full", "reuse", "cacheblend")
 
+# How a document's KV may have been encoded: after a context of related documents, or alone.
+ENCODINGS = ("context", "isolated")
+
 # Share of reused document tokens that CacheBlend recomputes (``BlendConfig.recompute_ratio``).
 DEFAULT_RECOMPUTE_RATIO = 0.1
 
@@ -85,6 +88,9 @@ class EngineConfig:
         Batching raises output-token throughput under concurrent requests without changing greedy
         answers, and a lone request still runs in its caller's thread, as fast as with batching
         off (docs/benchmarks.md; ``kvboost-rag bench --concurrency``).
+    encodings: which stored entries a document's KV is taken from, in order of preference:
+        ``"context"`` (encoded after related documents, :mod:`kvboost_rag.index.context`) and
+        ``"isolated"`` (encoded alone). ``("isolated",)`` ignores context-encoded entries.
     max_batch: most requests decoded together; others wait (prefilled) for a free row.
     max_waiting: most requests waiting for their prefill; one more is a
         :class:`~kvboost_rag.errors.SchedulerFullError`.
@@ -103,10 +109,17 @@ class EngineConfig:
     max_batch: int = 16
     max_waiting: int = 256
     batch_kv_bytes: int = 8 << 30
+    encodings: tuple = ENCODINGS
 
     def __post_init__(self) -> None:
         if self.strategy not in STRATEGIES:
             raise InvalidConfigError(f"strategy must be one of {STRATEGIES}, got {self.strategy!r}")
+        encodings = (self.encodings,) if isinstance(self.encodings, str) else self.encodings
+        if (not isinstance(encodings, (tuple, list)) or not encodings or len(set(encodings)) != len(encodings)
+                or any(e not in ENCODINGS for e in encodings)):
+            raise InvalidConfigError(f"encodings must be a non-empty tuple of distinct names from {ENCODINGS}, "
+                                     f"got {self.encodings!r}")
+        object.__setattr__(self, "encodings", tuple(encodings))
         if not isinstance(self.blend, BlendConfig):
             raise InvalidConfigError(f"blend must be a BlendConfig, got {type(self.blend).__name__}")
         validate.integer("prefix_cache_bytes", self.prefix_cache_bytes, minimum=0)

@@ -137,6 +137,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="disk budget in bytes (>= 1); least recently used entries are evicted beyond it")
     w.add_argument("--verify-existing", action="store_true",
                    help="checksum stored entries before skipping them (slower; catches bit flips)")
+    w.add_argument("--context", choices=("auto", "none"), default="auto",
+                   help="auto: encode each document after its nearest corpus neighbours (all-MiniLM-L6-v2 "
+                        "embeddings), so its KV carries their cross-document attention; none: each alone "
+                        "(default: auto)")
+    w.add_argument("--context-docs", type=POSITIVE_INT, default=3, metavar="N",
+                   help="neighbours each document is encoded after (default: 3)")
+    w.add_argument("--context-tokens", type=POSITIVE_INT, default=None, metavar="N",
+                   help="most context tokens per document; the farthest neighbours are dropped first")
     w.add_argument("--json", metavar="FILE", default=None, help="also write the report as JSON to FILE ('-': stdout)")
     w.add_argument("--no-progress", action="store_true", help="no progress bar")
     w.set_defaults(func=cmd_warm)
@@ -194,6 +202,15 @@ def _disk_store(args, kv_bits: int = 16, max_bytes: Optional[int] = None):
     return DiskStore(args.store, kv_bits=kv_bits, max_bytes=max_bytes)
 
 
+def _context_arg(args):
+    """--context / --context-docs / --context-tokens as warm_corpus's ``context``."""
+    if args.context == "none":
+        return None
+    from kvboost_rag.index.context import ContextConfig
+
+    return ContextConfig(neighbours=args.context_docs, max_tokens=args.context_tokens)
+
+
 def cmd_warm(args) -> int:
     from kvboost_rag.app.warm import warm_corpus
 
@@ -219,7 +236,7 @@ def cmd_warm(args) -> int:
         report = warm_corpus(args.corpus, model, store, batch_size=args.batch_size, backend=args.backend,
                              num_actors=args.num_actors, progress=not args.no_progress,
                              max_batch_tokens=args.max_batch_tokens, verify_existing=args.verify_existing,
-                             engine_kwargs=engine_kwargs)
+                             engine_kwargs=engine_kwargs, context=_context_arg(args))
     except KeyboardInterrupt as exc:
         report = getattr(exc, "report", None)
         if report is not None:

@@ -5,9 +5,15 @@ and its guarantees: resumable, each document once, length-sorted batches, failur
 per document): documents from any source (:mod:`kvboost_rag.index.sources`), an engine built from a
 model path or factory, and a Ray backend.
 
+By default each document is encoded after its nearest neighbours in the corpus
+(:mod:`kvboost_rag.index.context`): the stored KV then carries the cross-document attention a
+prompt with those documents has, which query-time recompute alone cannot restore.
+``context="none"`` encodes each document alone.
+
 ``backend="ray"`` spreads the encoding over a Ray Data actor pool; each actor loads the model
 itself and writes into the same :class:`~kvboost_rag.store.disk.DiskStore` directory (safe:
-atomic renames), returning only manifest rows to the driver.
+atomic renames), returning only manifest rows to the driver. The driver picks every document's
+neighbours (embeddings only, no model) and ships their texts with the document.
 """
 from __future__ import annotations
 
@@ -16,8 +22,9 @@ import time
 from typing import Any, Callable, Dict, List, Optional
 
 from kvboost_rag.errors import InvalidConfigError
-from kvboost_rag.index.job import (DUPLICATE, FAILED, WarmReport, _row, batches, encode_and_store, index_documents,
-                       interrupted, plan)
+from kvboost_rag.index.context import CONTEXT, ISOLATED, ContextConfig, context_config, nearest_neighbours
+from kvboost_rag.index.job import (DUPLICATE, FAILED, WarmReport, _row, batches, context_of, encode_and_store,
+                                   index_documents, interrupted, plan)
 from kvboost_rag.index.sources import CorpusDoc, Render, iter_documents
 
 __all__ = ["WarmReport", "build_engine", "warm_corpus"]
@@ -65,6 +72,7 @@ def warm_corpus(
     on_batch: Optional[Callable[[List[Dict[str, Any]]], None]] = None,
     engine_kwargs: Optional[Dict[str, Any]] = None,
     ray_remote_args: Optional[Dict[str, Any]] = None,
+    context: Any = "auto",
 ) -> WarmReport:
     """Encode every document of ``documents`` that ``store`` lacks, and store it.
 
@@ -81,16 +89,22 @@ def warm_corpus(
     verify_existing: check stored entries' checksums (``get``) instead of their headers
         (``contains``) before skipping them: slower, but also catches bit flips in tensor data.
     on_batch: called with the manifest rows of each finished batch (after they are stored).
+    context: ``"auto"`` (default): each document is encoded after its nearest corpus neighbours by
+        the packaged all-MiniLM-L6-v2; a :class:`~kvboost_rag.index.context.ContextConfig`
+        (neighbours, token budget, order, embedder); your own embeddings (a LangChain
+        ``Embeddings`` / ``VectorStore``, a LlamaIndex ``BaseEmbedding`` / index, or a callable
+        ``texts -> vectors``); ``"none"`` / None: each document alone.
     Returns a :class:`WarmReport`. On Ctrl-C the partial report is attached to the
     ``KeyboardInterrupt`` as ``.report`` and the exception re-raised.
     """
     if batch_size < 1:
         raise InvalidConfigError(f"batch_size must be >= 1, got {batch_size}")
+    context = context_config(context)
     if backend == "ray":
         return _warm_ray(documents, engine_or_model, store, batch_size=batch_size, render=render,
                          num_actors=num_actors, progress=progress, max_batch_tokens=max_batch_tokens,
                          verify_existing=verify_existing, engine_kwargs=engine_kwargs or {},
-                         ray_remote_args=ray_remote_args or {}, on_batch=on_batch)
+                         ray_remote_args=ray_remote_args or {}, on_batch=on_batch, context=context)
     if backend != "local":
         raise InvalidConfigError(f"backend must be 'local' or 'ray', got {backend!r}")
 
@@ -102,7 +116,7 @@ def warm_corpus(
     docs = list(iter_documents(documents, render))
     return index_documents(engine, docs, store, batch_size=batch_size, max_batch_tokens=max_batch_tokens,
                            verify_existing=verify_existing, register=register, progress=progress,
-                           on_batch=on_batch, report=report)
+                           on_batch=on_batch, report=report, context=context)
 
 
 # -------------------------------------------------------------------- ray
@@ -125,7 +139,8 @@ class _RayWarmWorker:
     """Ray Data actor: loads the model once, warms each batch it gets into the shared directory."""
 
     def __init__(self, model_spec: Any, store_spec: Dict[str, Any], engine_kwargs: Dict[str, Any],
-                 verify_existing: bool, max_batch_tokens: Optional[int], batch_size: int) -> None:
+                 verify_existing: bool, max_batch_tokens: Optional[int], batch_size: int,
+                 context: Optional[ContextConfig] = None) -> None:
         from kvboost_rag.store.disk import DiskStore
 
         self.store = DiskStore(store_spec["root"], kv_bits=store_spec["kv_bits"], fsync=store_spec["fsync"],
@@ -134,20 +149,30 @@ class _RayWarmWorker:
         self.verify_existing = verify_existing
         self.max_batch_tokens = max_batch_tokens
         self.batch_size = batch_size
+        self.context = context
 
     def __call__(self, batch: Dict[str, Any]) -> Dict[str, list]:
         docs = [CorpusDoc(str(i), str(t), "ray") for i, t in zip(batch["id"], batch["text"])]
-        pending, rows = plan(self.engine, self.store, docs, set(), self.verify_existing, register=False)
-        for sub in batches(pending, self.batch_size, self.max_batch_tokens):
-            rows.extend(encode_and_store(self.engine, self.store, sub, register=False))
-        cols = ("id", "key", "tokens", "bytes", "status", "reason")
+        encoding = CONTEXT if self.context is not None else ISOLATED
+        pending, rows = plan(self.engine, self.store, docs, set(), self.verify_existing, register=False,
+                             encoding=encoding)
+        contexts = {}
+        if self.context is not None:
+            near = {str(t): [str(n) for n in ns] for t, ns in zip(batch["text"], batch["neighbours"])}
+            for doc, ids, key in pending:
+                neighbour_ids = [self.engine.tokenize_document(n) for n in near.get(doc.text, [])]
+                contexts[key] = context_of(self.engine, ids, neighbour_ids, self.context)
+        for sub in batches(pending, self.batch_size, self.max_batch_tokens, contexts):
+            rows.extend(encode_and_store(self.engine, self.store, sub, register=False, contexts=contexts))
+        cols = ("id", "key", "tokens", "bytes", "status", "reason", "context_tokens")
         return {c: [r[c] for r in rows] for c in cols}
 
 
 def _warm_ray(documents: Any, model_spec: Any, store: Any, *, batch_size: int, render: Optional[Render],
               num_actors: int, progress: bool, max_batch_tokens: Optional[int], verify_existing: bool,
               engine_kwargs: Dict[str, Any], ray_remote_args: Dict[str, Any],
-              on_batch: Optional[Callable[[List[Dict[str, Any]]], None]]) -> WarmReport:
+              on_batch: Optional[Callable[[List[Dict[str, Any]]], None]],
+              context: Optional[ContextConfig] = None) -> WarmReport:
     if hasattr(model_spec, "encode_batch"):
         raise InvalidConfigError(
             "backend='ray' loads the model in each actor: pass a model path/id or a picklable factory, "
@@ -176,6 +201,11 @@ def _warm_ray(documents: Any, model_spec: Any, store: Any, *, batch_size: int, r
         else:
             seen_text.add(doc.text)
             items.append({"id": doc.id, "text": doc.text})
+    report.encoding = CONTEXT if context is not None else ISOLATED
+    if context is not None:  # neighbours over the whole corpus, picked once here
+        texts = [it["text"] for it in items]
+        for it, near in zip(items, nearest_neighbours(texts, context.neighbours, context.embedder)):
+            it["neighbours"] = [texts[j] for j in near]
     items.sort(key=lambda it: len(it["text"]), reverse=True)
     if items:
         gpus = 1 if torch.cuda.is_available() else 0
@@ -185,6 +215,7 @@ def _warm_ray(documents: Any, model_spec: Any, store: Any, *, batch_size: int, r
             fn_constructor_kwargs={
                 "model_spec": model_spec, "store_spec": spec, "engine_kwargs": engine_kwargs,
                 "verify_existing": verify_existing, "max_batch_tokens": max_batch_tokens, "batch_size": batch_size,
+                "context": context,
             },
             compute=ray.data.ActorPoolStrategy(size=num_actors),
             batch_size=batch_size,

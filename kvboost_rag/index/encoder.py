@@ -1,13 +1,15 @@
-"""Turn documents into KV chunks: each encoded on its own, after a fixed canonical preamble.
+"""Turn documents into KV chunks: each encoded after a fixed canonical preamble, alone or after a
+context of related documents (:mod:`kvboost_rag.index.context`) whose KV is then dropped.
 
 Why a preamble: the first tokens of a sequence become attention sinks. A document encoded with
 nothing before it stores sink-like KV for its first tokens, which is wrong once the document
 sits in the middle of a prompt. Encoding it after an instruction-style preamble (whose KV is
 then dropped) gives KV much closer to what the document has inside a real prompt.
 
-Batching: the preamble's KV is computed once and shared by every document in a batch; documents
-are right-padded, so with a causal mask no real token ever attends to padding (padding sits
-after every real token) and no attention mask is needed.
+Batching: the preamble's KV is computed once and shared by every document in a batch; each row
+(context + document) is right-padded, so with a causal mask no real token ever attends to padding
+(padding sits after every real token) and no attention mask is needed. A document's ``start`` is
+where its first token sat: after the preamble and its own context.
 """
 from __future__ import annotations
 
@@ -43,17 +45,21 @@ class ChunkEncoder:
 
     @torch.inference_mode()
     def encode(self, docs_ids: Sequence[Sequence[int]], texts: Sequence[str | None] | None = None,
-               pad_id: int = 0) -> list[KVChunk]:
-        """One forward pass for the whole batch; returns one chunk per document (on CPU)."""
+               pad_id: int = 0, contexts: Sequence[Sequence[int]] | None = None) -> list[KVChunk]:
+        """One forward pass for the whole batch; returns one chunk per document (on CPU).
+        ``contexts[i]``: token ids encoded between the preamble and document ``i`` (only the
+        document's KV is kept)."""
         if not docs_ids:
             return []
         texts = list(texts) if texts is not None else [None] * len(docs_ids)
+        contexts = [list(c) for c in contexts] if contexts is not None else [[] for _ in docs_ids]
         batch = len(docs_ids)
-        width = max(len(ids) for ids in docs_ids)
+        rows = [ctx + list(ids) for ctx, ids in zip(contexts, docs_ids)]
+        width = max(len(row) for row in rows)
         start = len(self.preamble_ids)
         input_ids = torch.full((batch, width), pad_id, dtype=torch.long, device=self.device)
-        for i, ids in enumerate(docs_ids):
-            input_ids[i, : len(ids)] = torch.tensor(ids, dtype=torch.long)
+        for i, row in enumerate(rows):
+            input_ids[i, : len(row)] = torch.tensor(row, dtype=torch.long)
         cache = DynamicCache(config=self.model.config)
         if start:
             for layer_idx, (k, v) in enumerate(self._preamble()):
@@ -66,11 +72,11 @@ class ChunkEncoder:
         values = torch.stack([layer.values[:, :, start:] for layer in layers], dim=1)
         chunks = []
         for i, ids in enumerate(docs_ids):
-            n = len(ids)
+            n, offset = len(ids), len(contexts[i])
             chunks.append(KVChunk(
-                keys=keys[i, :, :, :n].to("cpu").contiguous(),
-                values=values[i, :, :, :n].to("cpu").contiguous(),
-                start=start,
+                keys=keys[i, :, :, offset:offset + n].to("cpu").contiguous(),
+                values=values[i, :, :, offset:offset + n].to("cpu").contiguous(),
+                start=start + offset,
                 token_ids=tuple(int(t) for t in ids),
                 fingerprint=self.fingerprint,
                 text=texts[i],

@@ -25,6 +25,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
+from kvboost_rag.index.context import CONTEXT, ISOLATED, ContextConfig, arrange, nearest_neighbours
 from kvboost_rag.index.sources import CorpusDoc
 
 # Manifest row statuses.
@@ -38,6 +39,8 @@ class WarmReport:
     documents: documents seen; encoded: entries written by this run; skipped: already in the store;
     duplicates: identical to an earlier document of this run; failed: ``(document id, reason)``;
     tokens: tokens encoded by this run; bytes_written: bytes the store reported writing;
+    encoding: ``"context"`` or ``"isolated"``; context_encoded / context_tokens: documents encoded
+    after related documents and the extra tokens that cost;
     seconds: time spent planning, encoding and writing (with Ray: the whole distributed job,
     including actors loading the model).
     """
@@ -53,6 +56,9 @@ class WarmReport:
     interrupted: bool = False
     backend: str = "local"
     load_seconds: float = 0.0  # building the engine / loading the model (local backend), not in ``seconds``
+    encoding: str = "isolated"
+    context_encoded: int = 0  # documents encoded after a context of related documents
+    context_tokens: int = 0   # context tokens those encodings ran through the model beyond the documents
 
     @property
     def tokens_per_s(self) -> float:
@@ -73,6 +79,8 @@ class WarmReport:
             f"duplicates       {self.duplicates}",
             f"failed           {len(self.failed)}",
             f"tokens encoded   {self.tokens}",
+            *([f"with context     {self.context_encoded} documents, {self.context_tokens} extra tokens"]
+              if self.encoding == "context" else ["encoding         isolated (no context)"]),
             f"bytes written    {human_bytes(self.bytes_written)}",
             f"throughput       {self.tokens_per_s:,.0f} tokens/s",
             f"time             {self.seconds:.1f} s",
@@ -91,6 +99,9 @@ class WarmReport:
             self.encoded += 1
             self.tokens += int(row["tokens"])
             self.bytes_written += int(row["bytes"])
+            if row.get("context_tokens"):
+                self.context_encoded += 1
+                self.context_tokens += int(row["context_tokens"])
         elif status == SKIPPED:
             self.skipped += 1
         elif status == DUPLICATE:
@@ -107,15 +118,20 @@ def human_bytes(n: float) -> str:
     return f"{n} B"
 
 
-def _row(doc: CorpusDoc, status: str, key: str = "", tokens: int = 0, nbytes: int = 0, reason: str = "") -> Dict[str, Any]:
-    return {"id": doc.id, "key": key, "tokens": tokens, "bytes": nbytes, "status": status, "reason": reason}
+def _row(doc: CorpusDoc, status: str, key: str = "", tokens: int = 0, nbytes: int = 0, reason: str = "",
+         context_tokens: int = 0) -> Dict[str, Any]:
+    return {"id": doc.id, "key": key, "tokens": tokens, "bytes": nbytes, "status": status, "reason": reason,
+            "context_tokens": context_tokens}
 
 
 # ------------------------------------------------------------- core steps
 def plan(
-    engine: Any, store: Any, docs: Iterable[CorpusDoc], seen: set, verify_existing: bool, register: bool
+    engine: Any, store: Any, docs: Iterable[CorpusDoc], seen: set, verify_existing: bool, register: bool,
+    encoding: str = ISOLATED, corpus: Optional[List[Tuple[CorpusDoc, List[int]]]] = None,
 ) -> Tuple[List[Tuple[CorpusDoc, List[int], str]], List[Dict[str, Any]]]:
-    """Tokenize and key each document; split into pending work and rows already decided."""
+    """Tokenize and key each document (under ``encoding``); split into pending work and rows already
+    decided. ``corpus``, if given, collects every encodable document with its ids (the pool that
+    index-time context is drawn from, stored documents included)."""
     pending, rows = [], []
     limit = getattr(engine, "context_window", None)
     for doc in docs:
@@ -136,11 +152,13 @@ def plan(
             rows.append(_row(doc, FAILED, reason=f"{len(ids)} tokens (+{overhead} preamble) do not fit the context "
                                                  f"window ({limit}); split the document into smaller chunks"))
             continue
-        key = engine.chunk_key(ids)
+        key = engine.chunk_key(ids, encoding)
         if key in seen:
             rows.append(_row(doc, DUPLICATE, key, len(ids)))
             continue
         seen.add(key)
+        if corpus is not None:
+            corpus.append((doc, ids))
         stored = store.get(key, engine.fingerprint) is not None if verify_existing else store.contains(key, engine.fingerprint)
         if stored:
             if register:
@@ -151,12 +169,19 @@ def plan(
     return pending, rows
 
 
-def batches(pending: List[Tuple[CorpusDoc, List[int], str]], batch_size: int, max_batch_tokens: Optional[int]):
-    """Sort by length (longest first: memory errors show up at once, ETA gets easier) and cut."""
-    ordered = sorted(pending, key=lambda p: len(p[1]), reverse=True)
+def batches(pending: List[Tuple[CorpusDoc, List[int], str]], batch_size: int, max_batch_tokens: Optional[int],
+            contexts: Optional[Dict[str, Tuple[List[int], List[str]]]] = None):
+    """Sort by length, context included (longest first: memory errors show up at once, ETA gets
+    easier) and cut."""
+    contexts = contexts or {}
+
+    def length(item) -> int:
+        return len(item[1]) + len(contexts.get(item[2], ((), ()))[0])
+
+    ordered = sorted(pending, key=length, reverse=True)
     batch: list = []
     for item in ordered:
-        longest = len(batch[0][1]) if batch else len(item[1])
+        longest = length(batch[0]) if batch else length(item)
         too_many_tokens = max_batch_tokens is not None and batch and longest * (len(batch) + 1) > max_batch_tokens
         if len(batch) >= batch_size or too_many_tokens:
             yield batch
@@ -166,10 +191,17 @@ def batches(pending: List[Tuple[CorpusDoc, List[int], str]], batch_size: int, ma
         yield batch
 
 
-def encode_and_store(engine: Any, store: Any, batch: Sequence[Tuple[CorpusDoc, List[int], str]], register: bool) -> List[Dict[str, Any]]:
-    """Encode one batch and write every entry at once; on failure retry documents one by one."""
+def encode_and_store(engine: Any, store: Any, batch: Sequence[Tuple[CorpusDoc, List[int], str]], register: bool,
+                     contexts: Optional[Dict[str, Tuple[List[int], List[str]]]] = None) -> List[Dict[str, Any]]:
+    """Encode one batch and write every entry at once; on failure retry documents one by one.
+    ``contexts`` maps a document's key to (context token ids, the context documents' keys)."""
+    contexts = contexts or {}
     try:
-        chunks = engine.encode_batch([doc.text for doc, _, _ in batch])
+        if contexts:
+            chunks = engine.encode_batch([doc.text for doc, _, _ in batch],
+                                         contexts=[contexts.get(key, ([], []))[0] for _, _, key in batch])
+        else:
+            chunks = engine.encode_batch([doc.text for doc, _, _ in batch])
         if len(chunks) != len(batch):
             raise RuntimeError(f"encode_batch returned {len(chunks)} chunks for {len(batch)} texts")
     except (KeyboardInterrupt, SystemExit):
@@ -180,17 +212,20 @@ def encode_and_store(engine: Any, store: Any, batch: Sequence[Tuple[CorpusDoc, L
             return [_row(doc, FAILED, key, len(ids), reason=f"encoding failed: {type(exc).__name__}: {exc}")]
         rows = []
         for item in batch:
-            rows.extend(encode_and_store(engine, store, [item], register))
+            rows.extend(encode_and_store(engine, store, [item], register, contexts))
         return rows
     rows = []
     for (doc, ids, key), chunk in zip(batch, chunks):
         if list(chunk.token_ids) != ids:
             rows.append(_row(doc, FAILED, key, len(ids), reason="encode_batch produced other token ids than tokenize_document"))
             continue
+        ctx_ids, ctx_keys = contexts.get(key, ([], []))
+        chunk.meta["encoding"] = CONTEXT if key in contexts else ISOLATED
+        chunk.meta["context"] = ",".join(ctx_keys)
         written = store.put(key, chunk)
         if register:
             engine.register_text(doc.text)
-        rows.append(_row(doc, ENCODED, key, len(ids), written))
+        rows.append(_row(doc, ENCODED, key, len(ids), written, context_tokens=len(ctx_ids)))
     return rows
 
 
@@ -202,13 +237,44 @@ def interrupted(exc: KeyboardInterrupt, report: "WarmReport", t0: float) -> Keyb
     return exc
 
 
+def plan_contexts(engine: Any, pending: Sequence[Tuple[CorpusDoc, List[int], str]],
+                  corpus: Sequence[Tuple[CorpusDoc, List[int]]], config: ContextConfig
+                  ) -> Dict[str, Tuple[List[int], List[str]]]:
+    """For each pending document (by key): its context (:func:`context_of`) among its nearest
+    corpus neighbours."""
+    if not pending or config.neighbours <= 0:
+        return {}
+    position = {doc.text: i for i, (doc, _) in enumerate(corpus)}
+    neighbours = nearest_neighbours([doc.text for doc, _ in corpus], config.neighbours, config.embedder)
+    return {key: context_of(engine, ids, [corpus[j][1] for j in neighbours[position[doc.text]]], config)
+            for doc, ids, key in pending}
+
+
+def context_of(engine: Any, ids: Sequence[int], neighbour_ids: Sequence[Sequence[int]], config: ContextConfig
+               ) -> Tuple[List[int], List[str]]:
+    """The context token ids of a document whose neighbours' ids are given most similar first
+    (within the token budget and the room the context window leaves), and the isolated store keys
+    of the neighbours used (recorded in the entry's metadata)."""
+    window = getattr(engine, "context_window", None)
+    room = window - len(getattr(engine, "preamble_ids", None) or ()) - len(ids) if window else None
+    ctx_ids = arrange(neighbour_ids, config.order, config.max_tokens, room)
+    used, total = [], 0
+    for n in neighbour_ids:  # arrange keeps a prefix of them, in similarity order
+        if total + len(n) > len(ctx_ids):
+            break
+        used.append(n)
+        total += len(n)
+    return ctx_ids, [engine.chunk_key(n, ISOLATED) for n in used]
+
+
 def index_documents(engine: Any, docs: Sequence[CorpusDoc], store: Any = None, *, batch_size: int = 8,
                     max_batch_tokens: Optional[int] = None, verify_existing: bool = False, register: bool = True,
                     progress: bool = False, on_batch: Optional[Callable[[List[Dict[str, Any]]], None]] = None,
-                    report: Optional[WarmReport] = None) -> WarmReport:
+                    report: Optional[WarmReport] = None, context: Optional[ContextConfig] = None) -> WarmReport:
     """Encode every document of ``docs`` that ``store`` (default ``engine.store``) lacks, and store it
-    (see the module docstring). On Ctrl-C the partial report is attached to the
-    ``KeyboardInterrupt`` as ``.report`` and the exception re-raised."""
+    (see the module docstring). ``context``: encode each document after its nearest neighbours
+    among ``docs`` (:mod:`kvboost_rag.index.context`); None encodes each alone. On Ctrl-C the
+    partial report is attached to the ``KeyboardInterrupt`` as ``.report`` and the exception re-raised."""
     from tqdm.auto import tqdm
 
     store = store if store is not None else engine.store
@@ -217,18 +283,22 @@ def index_documents(engine: Any, docs: Sequence[CorpusDoc], store: Any = None, *
     bar = None
     try:
         report.documents = len(docs)
-        pending, rows = plan(engine, store, docs, set(), verify_existing, register)
+        encoding = CONTEXT if context is not None and context.neighbours > 0 else ISOLATED
+        report.encoding = encoding
+        corpus: List[Tuple[CorpusDoc, List[int]]] = []
+        pending, rows = plan(engine, store, docs, set(), verify_existing, register, encoding, corpus)
         for row in rows:
             report._add_row(row)
-        total_tokens = sum(len(ids) for _, ids, _ in pending)
+        contexts = plan_contexts(engine, pending, corpus, context) if encoding == CONTEXT else {}
+        total_tokens = sum(len(ids) + len(contexts.get(key, ((), ()))[0]) for _, ids, key in pending)
         bar = tqdm(total=total_tokens, unit="tok", unit_scale=True, desc="warm", disable=not progress, dynamic_ncols=True)
         done_docs = 0
-        for batch in batches(pending, batch_size, max_batch_tokens):
-            batch_rows = encode_and_store(engine, store, batch, register)
+        for batch in batches(pending, batch_size, max_batch_tokens, contexts):
+            batch_rows = encode_and_store(engine, store, batch, register, contexts)
             for row in batch_rows:
                 report._add_row(row)
             done_docs += len(batch)
-            bar.update(sum(len(ids) for _, ids, _ in batch))
+            bar.update(sum(len(ids) + len(contexts.get(key, ((), ()))[0]) for _, ids, key in batch))
             bar.set_postfix_str(f"docs {done_docs}/{len(pending)}", refresh=False)
             if on_batch is not None:
                 on_batch(batch_rows)

@@ -30,15 +30,19 @@ def stored_chunk(store: KVStore, key: str, ids: Sequence[int], fingerprint: str)
     return chunk if chunk is not None and list(chunk.token_ids) == list(ids) else None
 
 
-def fetch_documents(store: KVStore, tokenized: TokenizedPrompt, key_of, fingerprint: str) -> list[Placed]:
+def fetch_documents(store: KVStore, tokenized: TokenizedPrompt, keys_of, fingerprint: str) -> list[Placed]:
     """Stored chunks of the prompt's documents with their start positions (misses skipped).
-    ``key_of(ids)`` is the engine's store key of a document's token ids."""
+    ``keys_of(ids)`` lists the store keys of a document's token ids in order of preference (an
+    entry encoded after a context of related documents first, then one encoded alone); the first
+    that is stored is used, so a prompt may mix both kinds."""
     found = []
     for start, end, _segment in tokenized.documents:
         ids = tokenized.input_ids[start:end]
-        chunk = stored_chunk(store, key_of(ids), ids, fingerprint)
-        if chunk is not None:
-            found.append((start, chunk))
+        for key in keys_of(ids):
+            chunk = stored_chunk(store, key, ids, fingerprint)
+            if chunk is not None:
+                found.append((start, chunk))
+                break
     return found
 
 

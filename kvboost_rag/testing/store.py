@@ -65,17 +65,20 @@ class FakeEngine:
         self.encoded_texts: List[str] = []
         self.registered: set = set()
         self.encode_calls = 0
+        self.contexts: List[List[int]] = []  # the context ids each encoded document got
 
     def tokenize_document(self, text: str) -> List[int]:
         return [zlib.crc32(w.encode()) % 1000 for w in text.split()]
 
-    def chunk_key(self, token_ids) -> str:
+    def chunk_key(self, token_ids, encoding: str = "isolated") -> str:
         h = hashlib.sha256(self.fingerprint.encode())
+        h.update(encoding.encode())
         h.update(",".join(map(str, token_ids)).encode())
         return h.hexdigest()
 
-    def encode_batch(self, texts: List[str]) -> List[KVChunk]:
+    def encode_batch(self, texts: List[str], contexts=None) -> List[KVChunk]:
         self.encode_calls += 1
+        self.contexts.extend(list(c) for c in (contexts or [[] for _ in texts]))
         if self.delay_s:
             time.sleep(self.delay_s)
         out = []

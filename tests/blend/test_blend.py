@@ -222,7 +222,7 @@ def test_deviation_rules_pick_the_tokens_whose_kv_deviates_most(selection, monke
     pre = engine.prefill(prompt, recompute_ratio=0.3)
     tokenized = engine.tokenize(prompt)
     n = len(tokenized)
-    found = fetch_documents(engine.store, tokenized, engine.chunk_key, engine.fingerprint)
+    found = fetch_documents(engine.store, tokenized, engine.lookup_keys, engine.fingerprint)
     keys, values, reused = assemble(n, found, engine.rotator, torch.float32, torch.device("cpu"))
     full = engine.prefill(prompt, strategy="full").cache.layers[1]
     fresh, stored = (full.keys[0], keys[1]) if selection == "key" else (full.values[0], values[1])
