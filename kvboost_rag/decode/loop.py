@@ -27,7 +27,13 @@ class SamplingParams:
     Repetition controls (:mod:`~kvboost_rag.decode.penalties`): ``repetition_penalty`` (> 0, 1.0 = off),
     ``frequency_penalty`` / ``presence_penalty`` (within [-2, 2], 0 = off), ``no_repeat_ngram_size``
     (0 = off). ``constraint`` (:mod:`~kvboost_rag.decode.constraints`): the output must be JSON matching
-    it; it cannot be combined with ``stop`` (the grammar decides where the output ends)."""
+    it; the grammar decides where the output ends, so a caller asking for ``stop`` as well is
+    refused here. (Framework integrations, whose objects carry a default ``stop``, drop it when
+    they derive a constraint themselves: :func:`kvboost_rag.frameworks.options.constrained_kwargs`.)
+
+    These fields are the generation options, defined once: ``engine.generate`` / ``stream`` and
+    the framework integrations accept exactly them (plus the request's own options,
+    :data:`kvboost_rag.serve.request.REQUEST_OPTIONS`)."""
 
     max_new_tokens: int = 128
     temperature: float = 0.0
@@ -250,6 +256,23 @@ def decode(model, tokenizer, cache, first_logits: torch.Tensor, start_position: 
             )
         logits = out.logits[0, -1]
         position += 1
+
+
+@torch.inference_mode()
+def teacher_forced_logits(model, cache, first_logits: torch.Tensor, start_position: int, answer_ids: Sequence[int],
+                          step_lock=None) -> torch.Tensor:
+    """Logits at each answer position given the answer so far: ``[len(answer_ids), vocab]``,
+    float32. Row 0 is ``first_logits`` (the prefill's); the rest come from one forward over
+    ``answer_ids[:-1]`` at ``start_position`` onwards, which extends ``cache``."""
+    rows = [first_logits.float().unsqueeze(0)]
+    if len(answer_ids) > 1:
+        device = model.get_input_embeddings().weight.device
+        ids = torch.tensor([list(answer_ids[:-1])], device=device)
+        pos = torch.arange(start_position, start_position + ids.shape[1], device=device).unsqueeze(0)
+        with step_lock if step_lock is not None else contextlib.nullcontext():
+            out = model(input_ids=ids, position_ids=pos, **cache_kwargs(cache), use_cache=True)
+        rows.append(out.logits[0].float())
+    return torch.cat(rows, dim=0)
 
 
 def synchronize(device: torch.device) -> None:

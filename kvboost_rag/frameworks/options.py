@@ -4,15 +4,20 @@
 (``KVBoostLLM``) are thin: they turn framework objects into engine calls. The rules they have in
 common live here so that both behave alike:
 
-* **Engine ownership**: :class:`EngineHolder` - an object holding ``engine`` / ``model_id`` /
-  ``engine_kwargs`` loads the engine on first use (shared per model and options,
-  :meth:`KVBoostEngine.shared`), off the event loop in async code.
+* **Engine ownership**: :class:`EngineHolder` (:class:`LazyEngineMixin` plus an async load) - an
+  object holding ``engine`` / ``model_id`` / ``engine_kwargs`` loads the engine on first use
+  (shared per model and options, :meth:`KVBoostEngine.shared`), off the event loop in async code.
 * **Generation options**: :func:`generation_kwargs` merges an object's settings, its
   pass-through options (``model_kwargs`` / ``generate_kwargs``) and per-call keyword arguments
-  into ``engine.stream`` arguments. Unknown names are an error, never dropped silently; names
-  the engine does not implement (``repetition_penalty``...) are refused with a clear message.
-  The accepted names are read from :meth:`KVBoostEngine.generate`'s signature, so an option the
-  core gains later passes through with no change here.
+  into ``engine.stream`` arguments. Unknown names are an error, never dropped silently; Hugging
+  Face ``generate()`` names the engine does not implement (``num_beams``...) are refused with a
+  clear message. The accepted names are the engine's
+  :data:`~kvboost_rag.serve.request.GENERATION_OPTIONS` (the fields of ``SamplingParams`` plus
+  ``strategy``, ``recompute_ratio``, ``timeout``), so an option the core gains later passes
+  through with no change here; :func:`option_fields` maps an integration's own fields onto them.
+* **Stop and constraint**: :func:`constrained_kwargs` is the one place a framework's ``stop``
+  yields to a constraint the integration derived (``response_format``, a forced tool call); the
+  engine itself refuses both given together.
 * **Message translation**: :func:`engine_role`, :func:`engine_message`,
   :func:`refuse_media` - framework roles to chat-template roles, text parts and document
   segments to one engine chat message, media refused (the engine serves text-only models).
@@ -22,20 +27,38 @@ common live here so that both behave alike:
 from __future__ import annotations
 
 import asyncio
-import functools
-import inspect
-from typing import Any, Iterable, Mapping, Optional, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
-from kvboost_rag.engine import LazyEngineMixin
 from kvboost_rag.errors import InvalidInputError
-
+from kvboost_rag.serve.request import GENERATION_OPTIONS
 
 # ---------------------------------------------------------------------------------------------
 # Engine ownership
 # ---------------------------------------------------------------------------------------------
+DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
+
+
+class LazyEngineMixin:
+    """For framework wrappers (LangChain, LlamaIndex) that hold ``engine``, ``model_id`` and
+    ``engine_kwargs``: the engine loads on first use and is shared per (model, options)."""
+
+    def load_engine(self):
+        """The engine, loading it now if this object was configured lazily."""
+        if self.engine is None:
+            from kvboost_rag.engine import KVBoostEngine  # torch and transformers: only when a model loads
+
+            self.engine = KVBoostEngine.shared(self.model_id, **self.engine_kwargs)
+        return self.engine
+
+    @property
+    def model_label(self) -> str:
+        """Model name for tracing and metadata, without forcing a lazy engine to load."""
+        name = self.model_id if self.engine is None else getattr(self.engine, "model_name", None)
+        return str(name or DEFAULT_MODEL_NAME)
+
 
 class EngineHolder(LazyEngineMixin):
-    """:class:`~kvboost_rag.engine.LazyEngineMixin` plus the async load both integrations need."""
+    """:class:`LazyEngineMixin` plus the async load both integrations need."""
 
     async def aload_engine(self):
         """:meth:`load_engine`, with a lazy load (seconds) run in a worker thread, not on the loop."""
@@ -61,23 +84,20 @@ OPTION_ALIASES = {"max_tokens": "max_new_tokens", "stop_sequences": "stop"}
 
 # Options whose ``None`` means "the engine's default": left out of the engine call.
 _NONE_IS_DEFAULT = ("max_new_tokens", "strategy", "recompute_ratio", "timeout")
-_NOT_OPTIONS = ("prompt", "on_token")
 
 
-@functools.lru_cache(maxsize=None)
-def _signature_options(generate: Any) -> Optional[frozenset]:
-    params = inspect.signature(generate).parameters.values()
-    if any(p.kind is p.VAR_KEYWORD for p in params):
-        return None  # the engine checks its own keyword arguments
-    return frozenset(p.name for p in params if p.kind is p.KEYWORD_ONLY and p.name not in _NOT_OPTIONS)
+def engine_generation_options() -> frozenset:
+    """Names ``engine.generate`` / ``engine.stream`` accept for one generation: the fields of
+    :class:`~kvboost_rag.decode.loop.SamplingParams` and the request's own options."""
+    return GENERATION_OPTIONS
 
 
-def engine_generation_options() -> Optional[frozenset]:
-    """Names ``engine.generate`` / ``engine.stream`` accept for one generation (``None``: not
-    knowable from the signature, the engine checks them itself)."""
-    from kvboost_rag.engine import KVBoostEngine
-
-    return _signature_options(KVBoostEngine.generate)
+def option_fields(field_names: Iterable[str]) -> tuple[tuple[str, str], ...]:
+    """``(field, engine option)`` for each of an integration object's fields that is a generation
+    option, under its own name or a framework spelling (``max_tokens`` -> ``max_new_tokens``)."""
+    supported = engine_generation_options()
+    return tuple((name, OPTION_ALIASES.get(name, name)) for name in field_names
+                 if OPTION_ALIASES.get(name, name) in supported)
 
 
 def normalize_aliases(options: Mapping[str, Any], *, owner: str) -> dict:
@@ -106,8 +126,6 @@ def check_generation_options(options: Mapping[str, Any], *, owner: str, where: s
     if clash:
         raise error(f"{owner}{where}: {clash} are parameters of {owner}; set them directly, not here")
     supported = engine_generation_options()
-    if supported is None:
-        return options
     unsupported = sorted(n for n in options if n not in supported and n in HF_GENERATION_OPTIONS)
     if unsupported:
         raise error(
@@ -186,8 +204,13 @@ def response_format_constraint(response_format: Any, *, owner: str):
 
 
 def constrained_kwargs(kwargs: Mapping[str, Any], constraint: Any) -> dict:
-    """Generation keyword arguments with ``constraint`` set; stop sequences are dropped (the
-    grammar ends the answer, and the engine refuses both together)."""
+    """Generation keyword arguments with ``constraint`` set (``None``: ``kwargs`` unchanged).
+
+    The one rule for ``stop`` under a constraint the integration derived itself (a
+    ``response_format``, a forced tool call): the stop sequences are dropped, since the grammar
+    ends the answer and the engine (:class:`~kvboost_rag.decode.loop.SamplingParams`) refuses both
+    given together. Both integrations and :func:`~kvboost_rag.frameworks.tool_calls.generate_tool_calls`
+    go through here."""
     out = dict(kwargs)
     if constraint is not None:
         out.pop("stop", None)
@@ -254,7 +277,7 @@ def usage(result: Any) -> dict:
 
 
 __all__ = [
-    "EngineHolder", "LazyEngineMixin", "HF_GENERATION_OPTIONS", "OPTION_ALIASES", "ROLE_ALIASES",
-    "engine_generation_options", "normalize_aliases", "check_generation_options", "generation_kwargs",
+    "EngineHolder", "LazyEngineMixin", "DEFAULT_MODEL_NAME", "HF_GENERATION_OPTIONS", "OPTION_ALIASES", "ROLE_ALIASES",
+    "engine_generation_options", "option_fields", "normalize_aliases", "check_generation_options", "generation_kwargs",
     "engine_role", "engine_message", "response_format_constraint", "constrained_kwargs", "document_part", "refuse_media", "telemetry", "usage",
 ]

@@ -23,6 +23,7 @@ from typing import Any, Optional, Sequence
 
 from kvboost_rag.decode.constraints import json_schema_constraint
 from kvboost_rag.errors import InvalidInputError
+from kvboost_rag.frameworks.options import constrained_kwargs
 from kvboost_rag.prompt.segments import Segment
 from kvboost_rag.prompt.tools import (FORCED_CHOICES, ParsedToolCalls, ToolCall, ToolChatResult, normalize_tools,  # noqa: F401
                                       tool_call_style)
@@ -325,14 +326,10 @@ def generate_tool_calls(engine, messages: Sequence[dict], tools: Sequence[Any], 
     ``tool_choice``: ``"auto"`` / None (the model decides; calls are parsed from its text),
     ``"none"`` (tools shown, nothing parsed), ``"any"`` / ``"required"`` (exactly one call of some
     tool, constrained) or a tool name / ``{"type": "function", "function": {"name": ...}}`` (one
-    call of that tool, constrained). ``generate_kwargs`` go to ``engine.generate`` (``stop`` is
-    dropped in the forced modes: the grammar ends the call). Streaming: :func:`prepare_tool_turn`."""
+    call of that tool, constrained). ``generate_kwargs`` go to ``engine.generate``; in the forced
+    modes through :func:`~kvboost_rag.frameworks.options.constrained_kwargs` (``stop`` yields to
+    the grammar, which ends the call). Streaming: :func:`prepare_tool_turn`."""
     turn = prepare_tool_turn(engine, messages, tools, tool_choice)
-    if turn.forced:
-        generate_kwargs.pop("stop", None)
-        result = engine.generate(turn.segments, constraint=turn.constraint, **generate_kwargs)
-        parsed = turn.finish(result.text, result.extra["json"])
-    else:
-        result = engine.generate(turn.segments, **generate_kwargs)
-        parsed = turn.finish(result.text)
+    result = engine.generate(turn.segments, **constrained_kwargs(generate_kwargs, turn.constraint))
+    parsed = turn.finish(result.text, result.extra.get("json"))  # the parsed call in forced mode
     return ToolChatResult(parsed.content, parsed.tool_calls, result)

@@ -95,6 +95,22 @@ class TokenStream:
     def __aiter__(self) -> AsyncIterator[str]:
         return aiter_in_thread(self)
 
+    def drain(self) -> Any:
+        """Run to the end and return :attr:`result` (None if cancelled)."""
+        for _ in self:
+            pass
+        return self.result
+
+
+def drain_all(streams: list[TokenStream], threads: int = 1) -> list:
+    """The results of ``streams``, in order: one after another, or with ``threads`` > 1 each in
+    its own thread (up to ``threads`` at once), so that they can decode together."""
+    if threads <= 1 or len(streams) <= 1:
+        return [s.drain() for s in streams]
+    from concurrent.futures import ThreadPoolExecutor
+    with ThreadPoolExecutor(max_workers=min(len(streams), threads), thread_name_prefix="kvboost-batch") as pool:
+        return list(pool.map(TokenStream.drain, streams))
+
 
 _STREAM_THREADS = 64
 _executor = None

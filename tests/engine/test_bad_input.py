@@ -1,4 +1,4 @@
-"""Bad input (issue 12): every bad value gets a KVBoostError subclass saying what was wrong and what
+"""Bad input: every bad value gets a KVBoostError subclass saying what was wrong and what
 is accepted, or a documented behaviour; the CLI answers with exit code 2 (usage) or 1 (error) and
 one line, never a traceback. Tiny random-weight models, no downloads."""
 from __future__ import annotations

@@ -2,12 +2,14 @@
 from __future__ import annotations
 
 import ast
+import dataclasses
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 
 from kvboost_rag.frameworks import options as integration
+from kvboost_rag.decode.loop import SamplingParams
 from kvboost_rag.errors import InvalidConfigError, InvalidInputError
 from kvboost_rag.prompt.segments import Segment
 
@@ -22,10 +24,40 @@ def test_no_framework_import():
     assert not any(m.startswith(("langchain", "llama_index", "pydantic")) for m in modules)
 
 
-def test_options_come_from_the_engine_signature():
+def test_options_come_from_sampling_params():
     options = integration.engine_generation_options()
-    assert {"max_new_tokens", "temperature", "stop", "strategy", "recompute_ratio", "timeout"} <= options
+    assert options == {f.name for f in dataclasses.fields(SamplingParams)} | {"strategy", "recompute_ratio", "timeout"}
     assert "on_token" not in options and "prompt" not in options
+
+
+def test_option_fields_map_an_integration_object_onto_engine_options():
+    fields = ["model_id", "temperature", "max_tokens", "stop", "timeout", "streaming", "repetition_penalty"]
+    assert integration.option_fields(fields) == (
+        ("temperature", "temperature"), ("max_tokens", "max_new_tokens"), ("stop", "stop"), ("timeout", "timeout"),
+        ("repetition_penalty", "repetition_penalty"))
+
+
+def test_stop_yields_to_a_derived_constraint_in_one_place(monkeypatch):
+    """The engine refuses stop with a constraint; the framework layer drops the stop when it
+    derived the constraint itself (constrained_kwargs), and generate_tool_calls goes through it."""
+    from kvboost_rag.decode.constraints import json_object_constraint
+    from kvboost_rag.frameworks import tool_calls
+
+    constraint = json_object_constraint()
+    with pytest.raises(InvalidConfigError, match="stop"):
+        SamplingParams(stop=["x"], constraint=constraint)
+    kwargs = {"stop": ["x"], "max_new_tokens": 3}
+    assert integration.constrained_kwargs(kwargs, constraint) == {"max_new_tokens": 3, "constraint": constraint}
+    assert integration.constrained_kwargs(kwargs, None) == kwargs and kwargs == {"stop": ["x"], "max_new_tokens": 3}
+
+    calls = []
+    fake = SimpleNamespace(generate=lambda segments, **kw: calls.append(kw) or SimpleNamespace(
+        text='{"name": "f", "arguments": {}}', extra={"json": {"name": "f", "arguments": {}}}))
+    turn = SimpleNamespace(segments=["s"], constraint=constraint, forced=True,
+                           finish=lambda text, parsed=None: SimpleNamespace(content="", tool_calls=[parsed]))
+    monkeypatch.setattr(tool_calls, "prepare_tool_turn", lambda *a, **k: turn)
+    out = tool_calls.generate_tool_calls(fake, [], [], tool_choice="any", stop=["x"], max_new_tokens=9)
+    assert calls == [{"max_new_tokens": 9, "constraint": constraint}] and out.tool_calls == [{"name": "f", "arguments": {}}]
 
 
 def test_generation_kwargs_merge_and_defaults():

@@ -1,4 +1,4 @@
-"""Continuous batching across requests (issue 14): batched answers equal the same requests run
+"""Continuous batching across requests: batched answers equal the same requests run
 alone, token for token; per-request options, cancellation, queue bound and memory budget.
 Tiny float32 random-weight models."""
 from __future__ import annotations
@@ -13,7 +13,8 @@ from kvboost_rag import InvalidConfigError, Segment
 from kvboost_rag.errors import ContextWindowError, SchedulerFullError
 from kvboost_rag.kv.hf_compat import cache_kwargs
 from kvboost_rag.kv.decode_cache import with_room
-from kvboost_rag.serve.scheduler import RAGGED_ATTENTION, BatchKV, _ragged_attention, batched_step
+from kvboost_rag.kv.batch import BatchKV
+from kvboost_rag.serve.ragged import RAGGED_ATTENTION, _ragged_attention, batched_step
 
 from kvboost_rag.testing.models import DOCS, tiny_engine
 
@@ -235,7 +236,7 @@ def test_config_is_checked():
         engine.generate_batch("one prompt")
 
 
-# ------------------------------------------------------------------ the ragged fast path (issue 14)
+# ------------------------------------------------------------------ the ragged fast path
 def _alone_steps(engine, prompt, tokens):
     """Teacher-forced logits of ``tokens`` fed one at a time, the way a request alone decodes
     (generate.decode: the prefill's cache moved into in-place buffers, one forward per token)."""
@@ -261,8 +262,8 @@ def test_ragged_step_is_bitwise_the_request_alone(kind, overrides):
     """Continuous batching through batched_step: rows join (buffer grows, rows reallocated) and leave
     (the last row moves into the hole) while others decode; every row's logits at every step are
     those of its request decoding alone. (Attention is bitwise the same, see the next test; float32
-    matmuls of 2..5 rows may round differently from one row in MKL, hence a 1e-5 tolerance here.
-    SmolLM2 in bf16 measured bitwise equal logits, benchmarks/concurrency_bench.py checks the answers.)"""
+    matmuls of 2..5 rows may round differently from one row in MKL, hence a 1e-5 tolerance here;
+    benchmarks/concurrency_bench.py checks a real model's answers.)"""
     import warnings
 
     from kvboost_rag import KVBoostEngine

@@ -16,13 +16,6 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from kvboost_rag.frameworks import options as integration
 from kvboost_rag.errors import InvalidConfigError
 
-# Fields that are engine generation options, as (field name, engine name).
-_OPTION_FIELDS = (
-    ("temperature", "temperature"), ("max_tokens", "max_new_tokens"), ("top_p", "top_p"), ("top_k", "top_k"),
-    ("seed", "seed"), ("stop", "stop"), ("strategy", "strategy"), ("recompute_ratio", "recompute_ratio"),
-    ("timeout", "timeout"),
-)
-_RESERVED = tuple(name for pair in _OPTION_FIELDS for name in pair)
 # Call arguments langchain-core itself consumes (``stream`` picks the streaming path).
 _FRAMEWORK_CALL_ARGS = ("stream",)
 
@@ -104,6 +97,13 @@ class KVBoostParams(integration.EngineHolder, BaseModel):
             call["stop"] = stop
         return integration.generation_kwargs(settings, passthrough=self.model_kwargs, call=call,
                                              owner=type(self).__name__)
+
+
+# Fields that are engine generation options, as (field name, engine name): read from the engine's
+# option names (the fields of SamplingParams and the request's own), so a field named like one
+# passes through with no list to keep here.
+_OPTION_FIELDS = integration.option_fields(KVBoostParams.model_fields)
+_RESERVED = tuple(name for pair in _OPTION_FIELDS for name in pair)
 
 
 def usage_metadata(result: Any) -> dict:
