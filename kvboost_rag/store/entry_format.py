@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import math
 import os
 import time
@@ -70,6 +71,8 @@ class EntryInfo:
     last_used: float
     encoding_version: str
     has_text: bool
+    encoding: str = "isolated"    # "context": encoded after related documents (their keys in ``context``)
+    context: tuple = ()
 
 
 def _tensor_bytes(t: torch.Tensor) -> memoryview:
@@ -145,6 +148,8 @@ def _fields(m: Dict[str, str]) -> dict:
 
     shape = field("shape", json.loads,
                   lambda s: isinstance(s, list) and len(s) == 4 and all(type(d) is int and d >= 0 for d in s))
+    meta = field("meta", json.loads, lambda v: isinstance(v, dict))
+    encoding, context = _context_of(meta)
     return {
         "fingerprint": field("fingerprint", str),
         "num_tokens": field("num_tokens", int, lambda n: n == shape[2]),
@@ -153,8 +158,26 @@ def _fields(m: Dict[str, str]) -> dict:
         "dtype": field("dtype", str, lambda d: d in _KV_DTYPES),
         "shape": shape,
         "created": field("created", float),
-        "meta": field("meta", json.loads, lambda v: isinstance(v, dict)),
+        "meta": meta,
+        "encoding": encoding,
+        "context": context,
     }
+
+
+_KEY_HEX = re.compile(r"[0-9a-f]{64}")
+
+
+def _context_of(meta: dict) -> tuple:
+    """(encoding, context keys) recorded in an entry's metadata; ValueError if they are malformed:
+    an isolated entry has no context, a context entry's context is a list of document keys."""
+    encoding = meta.get("encoding", "isolated")
+    context = meta.get("context", "")
+    if encoding not in ("isolated", "context") or not isinstance(context, str):
+        raise ValueError(f"header meta encoding={encoding!r:.40} / context={context!r:.40} is invalid")
+    keys = tuple(k for k in context.split(",") if k)
+    if (encoding == "isolated" and keys) or not all(_KEY_HEX.fullmatch(k) for k in keys):
+        raise ValueError(f"header meta context {context!r:.80} does not fit encoding {encoding!r}")
+    return encoding, keys
 
 
 def _entry_info(path: Path, st: os.stat_result, m: Dict[str, str]) -> EntryInfo:
@@ -173,6 +196,8 @@ def _entry_info(path: Path, st: os.stat_result, m: Dict[str, str]) -> EntryInfo:
         last_used=st.st_mtime,
         encoding_version=m.get("encoding_version", ""),
         has_text=m.get("has_text") == "1",
+        encoding=f["encoding"],
+        context=f["context"],
     )
 
 

@@ -187,3 +187,32 @@ def test_warm_corpus_default_uses_context_and_cli_can_turn_it_off(tmp_path):
     assert report.encoding == "context" and report.context_encoded == 4 and report.context_tokens > 0
     off = warm_corpus(DOCS, engine, progress=False, context="none")
     assert off.encoding == "isolated" and off.encoded == 4
+
+
+def test_inspect_shows_context_entries_and_verify_names_a_forged_context(tmp_path, capsys):
+    import json
+
+    from kvboost_rag.app.cli import main
+    from kvboost_rag.store.disk import DiskStore
+
+    store = DiskStore(tmp_path)
+    engine = tiny_engine("llama", store=store)
+    engine.warm(DOCS[:2])
+    engine.warm(DOCS, context=ContextConfig(neighbours=1, embedder=topic_embedder))
+    capsys.readouterr()
+    assert main(["inspect", "--store", str(tmp_path), "--json"]) == 0
+    models = json.loads(capsys.readouterr().out)["models"]
+    assert [(m["entries"], m["with_context"]) for m in models.values()] == [(6, 4)]
+    infos = {i.key: i for i in store.entries()}
+    ctx_info = infos[engine.key_for_text(DOCS[0], "context")]
+    assert ctx_info.encoding == "context" and ctx_info.context == (engine.key_for_text(DOCS[2]),)
+    assert infos[engine.key_for_text(DOCS[0])].context == ()
+    # an isolated entry that claims a context (a hand-edited or buggy store) is named by --verify
+    chunk = store.get(engine.key_for_text(DOCS[1]), engine.fingerprint)
+    chunk.meta["context"] = "not-a-key"
+    store.delete(engine.key_for_text(DOCS[1]))
+    store.put(engine.key_for_text(DOCS[1]), chunk)
+    assert main(["inspect", "--store", str(tmp_path), "--verify"]) == 1
+    out = capsys.readouterr().out
+    assert engine.key_for_text(DOCS[1]) in out and "context" in out
+    assert store.get(engine.key_for_text(DOCS[1]), engine.fingerprint) is None  # a miss, never served
