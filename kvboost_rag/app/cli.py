@@ -274,7 +274,8 @@ def cmd_inspect(args) -> int:
         print(f"error: no store at {store.root}", file=sys.stderr)
         return 1
     files = len(store)
-    models = defaultdict(lambda: {"entries": 0, "tokens": 0, "bytes": 0, "kv_bits": set(), "encoding": set()})
+    models = defaultdict(lambda: {"entries": 0, "tokens": 0, "bytes": 0, "kv_bits": set(), "encoding": set(),
+                                  "with_context": 0})
     entries = 0
     total = 0
     for info in store.entries():
@@ -286,6 +287,7 @@ def cmd_inspect(args) -> int:
         m["bytes"] += info.nbytes
         m["kv_bits"].add(info.kv_bits)
         m["encoding"].add(info.encoding_version)
+        m["with_context"] += info.encoding == "context"
     summary = {
         "store": str(store.root),
         "entries": entries,
@@ -313,7 +315,8 @@ def cmd_inspect(args) -> int:
         print(f"models     {len(models)}")
         for fp, m in summary["models"].items():
             print(f"  {fp}: {m['entries']} entries, {m['tokens']} tokens, {_human(m['bytes'])}, "
-                  f"kv_bits {','.join(map(str, m['kv_bits']))}, encoding {','.join(m['encoding']) or '?'}")
+                  f"kv_bits {','.join(map(str, m['kv_bits']))}, encoding {','.join(m['encoding']) or '?'}, "
+                  f"{m['with_context']} encoded with context")
         if args.verify:
             if bad:
                 print(f"CORRUPT    {len(bad)} entr{'y' if len(bad) == 1 else 'ies'}"
