@@ -91,6 +91,10 @@ class EngineConfig:
     encodings: which stored entries a document's KV is taken from, in order of preference:
         ``"context"`` (encoded after related documents, :mod:`kvboost_rag.index.context`) and
         ``"isolated"`` (encoded alone). ``("isolated",)`` ignores context-encoded entries.
+    learn_context: count which stored documents arrive in prompts together
+        (:mod:`kvboost_rag.index.coretrieval`) and, when a document keeps arriving with partners
+        outside the context it was encoded with, re-encode it in the background (the write-behind
+        worker, when idle) after its most frequent partners; needs ``write_behind``.
     max_batch: most requests decoded together; others wait (prefilled) for a free row.
     max_waiting: most requests waiting for their prefill; one more is a
         :class:`~kvboost_rag.errors.SchedulerFullError`.
@@ -110,6 +114,7 @@ class EngineConfig:
     max_waiting: int = 256
     batch_kv_bytes: int = 8 << 30
     encodings: tuple = ENCODINGS
+    learn_context: bool = False
 
     def __post_init__(self) -> None:
         if self.strategy not in STRATEGIES:
@@ -125,6 +130,8 @@ class EngineConfig:
         validate.integer("prefix_cache_bytes", self.prefix_cache_bytes, minimum=0)
         if not isinstance(self.write_behind, bool):
             raise InvalidConfigError(f"write_behind must be True or False, got {self.write_behind!r}")
+        if not isinstance(self.learn_context, bool):
+            raise InvalidConfigError(f"learn_context must be True or False, got {self.learn_context!r}")
         if not isinstance(self.batching, bool):
             raise InvalidConfigError(f"batching must be True or False, got {self.batching!r}")
         validate.integer("max_batch", self.max_batch, minimum=1)

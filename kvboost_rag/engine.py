@@ -28,6 +28,7 @@ from kvboost_rag.index.context import ISOLATED, context_config, encoding_version
 from kvboost_rag.index.encoder import ChunkEncoder
 from kvboost_rag.index.job import index_documents
 from kvboost_rag.index.sources import iter_documents
+from kvboost_rag.index.coretrieval import CoRetrieval, coretrieval_path
 from kvboost_rag.index.write_behind import WriteBehind
 from kvboost_rag.kv.chunk import KVChunk
 from kvboost_rag.kv.keys import ENCODING_VERSION, chunk_key
@@ -86,6 +87,7 @@ class KVBoostEngine:
         self._runner = Runner(self.model, tokenizer, eos_token_ids(model, tokenizer), self._lock,
                               prefill=self._prefill, result=self._result)
         self._store_watch = StoreWatch(self.store)  # before the scan: later writes count as changes
+        self.coretrieval = (CoRetrieval(coretrieval_path(self.store)) if self.config.learn_context else None)
         self.write_behind = WriteBehind(self)  # stores missing documents after answers (config.write_behind)
         self._load_detector_from_store()
 

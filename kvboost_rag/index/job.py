@@ -267,6 +267,20 @@ def context_of(engine: Any, ids: Sequence[int], neighbour_ids: Sequence[Sequence
     return ctx_ids, [engine.chunk_key(n, ISOLATED) for n in used]
 
 
+def encode_in_context(engine: Any, store: Any, text: str, partner_texts: Sequence[str],
+                      config: Optional[ContextConfig] = None) -> Dict[str, Any]:
+    """Encode one document after ``partner_texts`` (most relevant first) and store it under its
+    context key, replacing any entry there (a re-encoding with a better context); one row, like
+    :func:`encode_and_store`'s."""
+    config = config or ContextConfig(neighbours=len(partner_texts))
+    doc = CorpusDoc("re-encode", text, "co-retrieval")
+    ids = list(engine.tokenize_document(text))
+    key = engine.chunk_key(ids, CONTEXT)
+    neighbour_ids = [list(engine.tokenize_document(t)) for t in partner_texts]
+    return encode_and_store(engine, store, [(doc, ids, key)], register=False,
+                            contexts={key: context_of(engine, ids, neighbour_ids, config)})[0]
+
+
 def index_documents(engine: Any, docs: Sequence[CorpusDoc], store: Any = None, *, batch_size: int = 8,
                     max_batch_tokens: Optional[int] = None, verify_existing: bool = False, register: bool = True,
                     progress: bool = False, on_batch: Optional[Callable[[List[Dict[str, Any]]], None]] = None,

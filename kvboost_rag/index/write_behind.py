@@ -25,6 +25,11 @@ request arriving then waits for at most one document's encoding. The queue is bo
 (``max_queue`` documents); beyond it documents are dropped and counted. The worker is a daemon:
 call :meth:`WriteBehind.flush` (``engine.flush_write_behind()``) before exiting a batch job.
 
+Learning the context from traffic (``EngineConfig.learn_context``): after each answer the prompt's
+documents are counted as retrieved together (:class:`~kvboost_rag.index.coretrieval.CoRetrieval`);
+a document whose most frequent partners in this prompt are not the ones it was encoded after is
+queued for re-encoding after them, on the same worker and with the same idle rule.
+
 Also here, because it watches the same answers: a one-time warning when prompts keep arriving
 with nothing reused and write-behind cannot help (it is off, or the prompts hold nothing it
 recognises as a document).
@@ -40,7 +45,7 @@ import weakref
 from collections import OrderedDict, deque
 from typing import Any, Iterable, Iterator, Optional, Sequence
 
-from kvboost_rag.index.job import index_documents
+from kvboost_rag.index.job import encode_in_context, index_documents
 from kvboost_rag.prompt.segments import Segment
 from kvboost_rag.index.sources import CorpusDoc
 
@@ -127,6 +132,11 @@ def _shutdown_workers() -> None:
         writer.close(drain_s=writer.exit_drain_s)
 
 
+def _ident(item: Any) -> Any:
+    """What identifies a queued item: a document's text, or ("learn", text) for a re-encoding."""
+    return item if isinstance(item, str) else ("learn", item[0])
+
+
 class WriteBehind:
     """Per-engine write-behind queue, worker and counters (see the module docstring).
 
@@ -138,16 +148,20 @@ class WriteBehind:
     idle_wait_s = 2.0       # how long the worker waits for no generation in flight
     warn_after = 3          # consecutive prompts with nothing reused before the one warning
     exit_drain_s = 10.0     # at interpreter exit, how long queued documents may still be encoded
+    context_partners = 3    # partners a learned context holds at most
+    min_together = 2        # prompts two documents must share before one is encoded after the other
 
     def __init__(self, engine: Any) -> None:
         self._engine = engine
         self._cond = threading.Condition()
-        self._queue: deque[str] = deque()
+        self._queue: deque = deque()              # a text, or (text, partner texts, partner keys)
         self._pending: set[str] = set()           # queued or being encoded
         self._failed: "OrderedDict[str, None]" = OrderedDict()  # not retried (bounded)
         self._thread: Optional[threading.Thread] = None
         self._active = 0                          # generations in flight
         self.queued = self.written = self.skipped = self.dropped = self.failed = 0
+        self.reencoded = 0
+        self._learned: "OrderedDict[str, tuple]" = OrderedDict()  # key -> partners it was (re)encoded after
         self._no_reuse_run = 0
         self.warned = False
         self._closed = False
@@ -165,8 +179,8 @@ class WriteBehind:
             thread.join(drain_s)
         with self._cond:
             self.dropped += len(self._queue)
-            for text in self._queue:
-                self._pending.discard(text)
+            for item in self._queue:
+                self._pending.discard(_ident(item))
             self._queue.clear()
             thread = self._thread
             self._cond.notify_all()
@@ -181,7 +195,7 @@ class WriteBehind:
         with self._cond:
             return {"enabled": self.enabled, "queued": self.queued, "written": self.written,
                     "skipped": self.skipped, "dropped": self.dropped, "failed": self.failed,
-                    "pending": len(self._pending)}
+                    "reencoded": self.reencoded, "pending": len(self._pending)}
 
     # ------------------------------------------------------------------ request side
     def track(self, prompt: Any, events: Iterator[tuple[str, Any]]) -> Iterator[tuple[str, Any]]:
@@ -211,6 +225,8 @@ class WriteBehind:
         if result.strategy == "full" or result.prompt_tokens <= 0:
             return  # a full prefill asks for no reuse
         offered = self._offer(self.candidates(prompt, result)) if self.enabled else 0
+        if self.enabled and getattr(self._engine, "coretrieval", None) is not None:
+            self._offer(self.learned_contexts(prompt))
         with self._cond:
             if result.reused_tokens > 0:
                 self._no_reuse_run = 0
@@ -244,14 +260,37 @@ class WriteBehind:
         texts += recognise_documents(segments, specials)
         return list(dict.fromkeys(texts))
 
-    def _offer(self, texts: Sequence[str]) -> int:
+    def learned_contexts(self, prompt: Any) -> list[tuple]:
+        """Count the prompt's documents as retrieved together; return the re-encodings it calls
+        for: ``(text, partner texts, partner keys)`` for each document whose most frequent partners
+        here differ from those it was last encoded after."""
+        engine = self._engine
+        try:
+            texts = list(dict.fromkeys(s.text for s in engine.segments(prompt) if s.is_document))
+            keys = [engine.key_for_text(t) for t in texts]
+        except Exception:
+            return []
+        if len(keys) < 2:
+            return []
+        engine.coretrieval.record(keys)
+        by_key = dict(zip(keys, texts))
+        items = []
+        for key, text in by_key.items():
+            partners = tuple(engine.coretrieval.partners(key, self.context_partners, among=by_key,
+                                                         min_count=self.min_together))
+            if partners and self._learned.get(key) != partners:
+                items.append((text, [by_key[p] for p in partners], partners))
+        return items
+
+    def _offer(self, texts: Sequence[Any]) -> int:
         """Queue ``texts`` (bounded; duplicates of pending ones ignored); returns how many were
         offered, queued or already pending."""
         offered = 0
         with self._cond:
             if self._closed:
                 return 0
-            for text in texts:
+            for item in texts:
+                text = _ident(item)
                 if text in self._failed:
                     continue
                 offered += 1
@@ -260,7 +299,7 @@ class WriteBehind:
                 if len(self._queue) >= self.max_queue:
                     self.dropped += 1
                     continue
-                self._queue.append(text)
+                self._queue.append(item)
                 self._pending.add(text)
                 self.queued += 1
             if self._queue and self._thread is None:
@@ -281,7 +320,14 @@ class WriteBehind:
                     self._cond.wait(left)
                 if not self._queue:  # closed while waiting
                     continue
-                text = self._queue.popleft()
+                item = self._queue.popleft()
+            text = _ident(item)
+            if not isinstance(item, str):
+                self._reencode(*item)
+                with self._cond:
+                    self._pending.discard(text)
+                    self._cond.notify_all()
+                continue
             try:
                 report = index_documents(self._engine, [CorpusDoc("write-behind", text, "write-behind")],
                                          batch_size=1)
@@ -302,6 +348,28 @@ class WriteBehind:
                         self._failed.popitem(last=False)
                 self._pending.discard(text)
                 self._cond.notify_all()
+
+    def _reencode(self, text: str, partner_texts: list, partner_keys: tuple) -> None:
+        """Encode ``text`` after its partners unless its stored context already holds them all."""
+        engine = self._engine
+        try:
+            key = engine.key_for_text(text)
+            current = engine.store.get(engine.key_for_text(text, "context"), engine.fingerprint)
+            have = set(filter(None, (current.meta.get("context", "") if current is not None else "").split(",")))
+            if not set(partner_keys) <= have:
+                row = encode_in_context(engine, engine.store, text, partner_texts)
+                if row["status"] != "encoded":
+                    raise RuntimeError(row.get("reason") or row["status"])
+                with self._cond:
+                    self.reencoded += 1
+            with self._cond:
+                self._learned[key] = partner_keys
+                while len(self._learned) > 4096:
+                    self._learned.popitem(last=False)
+        except Exception:
+            log.debug("kvboost_rag: re-encoding a document in context failed", exc_info=True)
+            with self._cond:
+                self.failed += 1
 
     def flush(self, timeout: Optional[float] = None) -> bool:
         """Wait until every queued document is written (or failed); False on timeout.

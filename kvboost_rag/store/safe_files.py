@@ -53,13 +53,19 @@ def _is_entry_name(name: str, shard: str) -> bool:
     return name.endswith(SUFFIX) and _KEY_RE.fullmatch(key) is not None and key[:2].lower() == shard
 
 
+# Files a store keeps beside its shards (never entries, never listed, evicted or repaired):
+# the co-retrieval table (:mod:`kvboost_rag.index.coretrieval`) and its temp files.
+_SIDECAR_RE = re.compile(r"coretrieval\.json(?:\.[0-9A-Za-z_]+\.tmp)?")
+
+
 def _check_root(root: Path) -> None:
     """Refuse a directory holding anything the store would not have written at its top level
     (a model folder, a home directory...): ``--store`` pointed at the wrong place must fail
     loudly, not have the store list, evict or repair files there. Missing/empty is fine."""
     try:
         names = sorted(e.name for e in os.scandir(root)
-                       if not (_SHARD_RE.fullmatch(e.name) and e.is_dir(follow_symlinks=False)))
+                       if not (_SHARD_RE.fullmatch(e.name) and e.is_dir(follow_symlinks=False))
+                       and not (_SIDECAR_RE.fullmatch(e.name) and e.is_file(follow_symlinks=False)))
     except FileNotFoundError:
         return
     except NotADirectoryError:
