@@ -111,7 +111,14 @@ class KVBoostEngine:
         return cls(hf_model, tokenizer, store=store, **engine_kwargs)
 
     def _load_detector_from_store(self) -> None:
-        for _key, text in getattr(self.store, "texts", lambda _fingerprint: ())(self.fingerprint):
+        for _key, text in self._store_watch.load(self.fingerprint):
+            self.detector.register(text)
+
+    def _refresh_detector(self) -> None:
+        """Register the texts of entries other processes (or engines) stored since the last look
+        (:meth:`~kvboost_rag.store.watch.StoreWatch.new_texts`: a few ``stat`` calls when nothing
+        changed, the headers of new entries when something did)."""
+        for _key, text in self._store_watch.new_texts(self.fingerprint):
             self.detector.register(text)
 
     @property
@@ -243,10 +250,9 @@ class KVBoostEngine:
         n_new = request.params.max_new_tokens if reserve is None else reserve
         with self._lock:
             t0 = now(self.device)
+            if strategy != "full":
+                self._refresh_detector()  # documents another process warmed since the last prompt
             tokenized = self.tokenize(request.prompt)
-            if not tokenized.documents and strategy != "full" and self._store_watch.changed():
-                self._load_detector_from_store()  # another process warmed the store: see its documents
-                tokenized = self.tokenize(request.prompt)
             n = len(tokenized)
             if n + n_new > self.context_window:
                 raise ContextWindowError(

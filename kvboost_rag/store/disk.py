@@ -30,7 +30,7 @@ import os
 import stat
 import threading
 from pathlib import Path
-from typing import Dict, Iterator, List, Optional, Tuple, Union
+from typing import Container, Dict, Iterable, Iterator, List, Optional, Tuple, Union
 
 from kvboost_rag.errors import InvalidConfigError, StoreError
 from kvboost_rag.files import atomic_file, fsync_dir
@@ -38,8 +38,8 @@ from kvboost_rag.kv.chunk import KVChunk
 from kvboost_rag.kv.quantize import check_bits
 from kvboost_rag.store.entry_format import (FORMAT, MAX_HEADER_BYTES, SUFFIX, EntryInfo, _as_stored,
                                             _deserialize, _entry_info, _fields, _serialize, _to_chunk)
-from kvboost_rag.store.safe_files import (_KEY_RE, STALE_TEMP_AGE_S, _check_root, _entry_paths, _read_entry,
-                                          _stale_temp_files, _store_wrote, _temp_path)
+from kvboost_rag.store.safe_files import (_KEY_RE, STALE_TEMP_AGE_S, _check_root, _entry_paths, _entry_paths_in,
+                                          _read_entry, _stale_temp_files, _store_wrote, _temp_path)
 
 __all__ = ["DiskStore", "TieredStore", "open_store", "EntryInfo", "FORMAT", "SUFFIX", "MAX_HEADER_BYTES",
            "STALE_TEMP_AGE_S", "default_store_dir", "fsync_dir"]
@@ -252,9 +252,20 @@ class DiskStore:
         if self.fsync and new_dir:
             fsync_dir(directory.parent)
 
-    def texts(self, fingerprint: str) -> Iterator[Tuple[str, str]]:
-        """``(key, text)`` of entries by ``fingerprint`` that recorded their text (headers only)."""
-        for path in self._iter_paths():
+    def texts(self, fingerprint: str, *, shards: Optional[Iterable[str]] = None,
+              skip: Container[str] = ()) -> Iterator[Tuple[str, str]]:
+        """``(key, text)`` of entries by ``fingerprint`` that recorded their text (headers only).
+
+        ``shards``: only these shard folders (names); ``skip``: keys whose header is not read
+        (already known to the caller), so a re-scan by :class:`~kvboost_rag.store.watch.StoreWatch`
+        reads only the headers of new entries in the folders that changed."""
+        if shards is None:
+            paths = self._iter_paths()
+        else:
+            paths = (p for name in sorted(set(shards)) for p in _entry_paths_in(self.root, name))
+        for path in paths:
+            if path.name[: -len(SUFFIX)] in skip:
+                continue
             try:
                 metadata = _read_entry(path, whole=False)[0]
                 _fields(metadata)

@@ -93,13 +93,22 @@ def _entry_paths(root: Path) -> Iterator[Path]:
     """Every path under ``root`` named like an entry in its own shard (whatever its type: readers
     check)."""
     for shard in _shard_dirs(root):
-        try:
-            names = sorted(os.listdir(shard))
-        except OSError:
-            continue
-        for name in names:
-            if _is_entry_name(name, shard.name):
-                yield shard / name
+        yield from _entry_paths_in(root, shard.name)
+
+
+def _entry_paths_in(root: Path, shard: str) -> Iterator[Path]:
+    """The entry-named paths of one shard folder (none if it is missing, not a real directory or
+    not named like a shard)."""
+    folder = root / shard
+    if not _SHARD_RE.fullmatch(shard) or folder.is_symlink():
+        return
+    try:
+        names = sorted(os.listdir(folder))
+    except OSError:
+        return
+    for name in names:
+        if _is_entry_name(name, shard):
+            yield folder / name
 
 
 # ------------------------------------------------------------------------------ temp files
