@@ -6,6 +6,11 @@
   quantile would make the interval too narrow).
 * :func:`median`, :func:`mean`: skip ``None`` (a metric a method or query does not have) and
   return ``None`` when nothing is left.
+* :func:`wilson_ci95`: a 95% Wilson score interval of a proportion ``k/n`` (stays inside [0, 1]
+  and is not degenerate at 0 or n, unlike the Student-t interval of a share near 1).
+* :func:`retention`, :func:`verdict_agreement`, :func:`share`: judging a method against a reference
+  (the full prefill) on per-question right/wrong verdicts: the share of the reference's correct
+  answers the method keeps, and the share of questions on which both give the same verdict.
 
 Teacher-forced fidelity (KL, top-1) lives in the core, :func:`kvboost_rag.fidelity.kl_top1`, as
 the engine's ``verify`` uses it too. Pure Python: no torch here.
@@ -70,6 +75,52 @@ def mean_ci95(values: Sequence[float], lower: Optional[float] = None) -> tuple[O
     half = t * statistics.stdev(vals) / math.sqrt(len(vals))
     lo = avg - half if lower is None else max(lower, avg - half)
     return avg, [lo, avg + half]
+
+
+_Z975 = 1.959963984540054
+
+
+def wilson_ci95(k: int, n: int) -> Optional[list]:
+    """95% Wilson score interval ``[lo, hi]`` of the proportion ``k / n``; ``None`` when ``n == 0``."""
+    k, n = int(k), int(n)
+    if n <= 0:
+        return None
+    if not 0 <= k <= n:
+        raise ValueError(f"wilson_ci95: need 0 <= k <= n, got k={k}, n={n}")
+    z2 = _Z975 * _Z975
+    p = k / n
+    centre = (p + z2 / (2 * n)) / (1 + z2 / n)
+    half = _Z975 * math.sqrt(p * (1 - p) / n + z2 / (4 * n * n)) / (1 + z2 / n)
+    lo, hi = max(0.0, centre - half), min(1.0, centre + half)
+    return [0.0 if k == 0 else lo, 1.0 if k == n else hi]   # exact at the ends (no float residue)
+
+
+def share(flags: Sequence) -> dict:
+    """``{"k", "n", "share", "ci95", "count"}`` of boolean-ish flags (``None`` entries skipped):
+    ``share`` = k/n (None when n == 0), ``ci95`` the Wilson interval, ``count`` = ``"k/n"``."""
+    vals = [bool(f) for f in flags if f is not None]
+    k, n = sum(vals), len(vals)
+    return {"k": k, "n": n, "share": (k / n if n else None), "ci95": wilson_ci95(k, n), "count": f"{k}/{n}"}
+
+
+def retention(reference: Sequence, method: Sequence) -> dict:
+    """Of the questions the reference answers correctly, the share the method also answers
+    correctly: ``{"k", "n", "share", "ci95", "count"}`` (:func:`share` over those questions).
+
+    ``reference`` and ``method`` are per-question verdicts in the same order (truthy = correct;
+    a question where either is ``None`` is left out). No reference-correct question: ``share``
+    and ``ci95`` are ``None`` and ``count`` is ``"0/0"``."""
+    if len(reference) != len(method):
+        raise ValueError(f"retention: {len(reference)} reference verdicts but {len(method)} method verdicts")
+    return share([bool(m) for r, m in zip(reference, method) if r is not None and m is not None and r])
+
+
+def verdict_agreement(reference: Sequence, method: Sequence) -> dict:
+    """The share of questions on which the method's right/wrong verdict equals the reference's
+    (both right or both wrong), as :func:`share`'s dict."""
+    if len(reference) != len(method):
+        raise ValueError(f"verdict_agreement: {len(reference)} reference verdicts but {len(method)} method verdicts")
+    return share([bool(r) == bool(m) for r, m in zip(reference, method) if r is not None and m is not None])
 
 
 def median(values) -> Optional[float]:

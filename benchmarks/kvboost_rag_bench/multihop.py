@@ -32,10 +32,23 @@ The questions
       ``Query.meta`` = ``{"hops", "needed", "kind", "subject", "bridge"}``; ``Query.topic`` is the
       document that holds the answer.
 
-Metrics: :func:`answer_correct`, :func:`answers_agree`, :func:`accuracy_by_hops`.
+Faithfulness guard (:func:`guard_sets`, same world and documents as :func:`multihop_suite` for the
+same ``seed`` and ``n_questions``, drawn with their own seeded generator so the main suite is
+unchanged):
+    * **leakage**: one-hop questions whose answer document is not among the ``docs_per_query``
+      documents (its slot goes to another entity of the same kind) and no document given states
+      the gold answer at all, so a full prefill cannot know it; a reuse method that answers
+      correctly anyway took the answer from somewhere else (e.g. a document's index-time context).
+    * **random distractors**: the needed documents plus random documents that share no entity with
+      the question (they neither name the question's entities nor are named by them, and do not
+      contain the gold answer), instead of the related distractors of the main suite.
+
+Metrics: :func:`answer_correct`, :func:`answers_agree`, :func:`accuracy_by_hops`,
+:func:`retention_by_hops`.
 """
 from __future__ import annotations
 
+import functools
 import math
 import random
 import re
@@ -50,16 +63,10 @@ except ImportError:  # pragma: no cover - imported outside the package, or befor
     except ImportError:
         from kvboost_rag.corpora import Doc, Query
 
-try:
-    from kvboost_rag_bench.metrics import contains_answer, mean_ci95, normalize_answer
-except ImportError:  # pragma: no cover - before the move
-    try:
-        from kvboost_rag_bench.metrics import contains_answer, mean_ci95, normalize_answer
-    except ImportError:
-        from kvboost_rag.bench import contains_answer, mean_ci95, normalize_answer
+from kvboost_rag_bench.metrics import contains_answer, mean_ci95, normalize_answer, retention
 
-__all__ = ["multihop_suite", "answer_correct", "answers_agree", "accuracy_by_hops",
-           "ONE_HOP_KINDS", "TWO_HOP_KINDS"]
+__all__ = ["multihop_suite", "guard_sets", "answer_correct", "answers_agree", "accuracy_by_hops",
+           "retention_by_hops", "ONE_HOP_KINDS", "TWO_HOP_KINDS"]
 
 # ============================================================================ vocabulary
 # weighted syllable parts: mostly single consonants and plain vowels, so names read naturally
@@ -479,7 +486,12 @@ def _gold(world: dict, value: Any, fact: str) -> str:
 
 
 def _mentions(text: str, phrase: str) -> bool:
-    return f" {normalize_answer(phrase)} " in f" {normalize_answer(text)} "
+    return f" {_normalized(phrase)} " in f" {_normalized(text)} "
+
+
+@functools.lru_cache(maxsize=8192)
+def _normalized(text: str) -> str:
+    return normalize_answer(text)
 
 
 def _candidates(world: dict) -> tuple[list, list]:
@@ -541,12 +553,14 @@ def _related(world: dict, chain: list) -> list:
     return uniq
 
 
-def _distractors(rng: random.Random, world: dict, chain: list, count: int) -> list:
+def _distractors(rng: random.Random, world: dict, chain: list, count: int, allowed=None) -> list:
+    """``count`` distractors: up to two related entities, then entities of the chain's kinds, then
+    any. ``allowed``: a predicate an entity must pass (None: every entity; the main suite)."""
     needed = {e.name for e in chain}
     chosen: list = []
 
     def take(pool: list, k: int) -> None:
-        pool = [e for e in pool if e.name not in needed and e not in chosen]
+        pool = [e for e in pool if e.name not in needed and e not in chosen and (allowed is None or allowed(e))]
         chosen.extend(rng.sample(pool, min(k, len(pool))))
 
     take(_related(world, chain), min(2, count))
@@ -575,8 +589,7 @@ def multihop_suite(n_questions: int = 200, seed: int = 0, docs_per_query: int = 
         raise ValueError("docs_per_query must be >= 2 (two-hop questions need two documents)")
     if not 0.0 <= two_hop_share <= 1.0:
         raise ValueError("two_hop_share must be in [0, 1]")
-    rng = random.Random(f"kvboost-multihop:{int(seed)}")
-    world = _build_world(rng, n_questions)
+    rng, world = _seeded_world(n_questions, seed)
     one, two = _candidates(world)
     n_two = math.ceil(n_questions * two_hop_share)
     n_one = n_questions - n_two
@@ -587,19 +600,135 @@ def multihop_suite(n_questions: int = 200, seed: int = 0, docs_per_query: int = 
 
     queries = []
     for i, (hops, (kind, subject, chain, gold)) in enumerate(picked):
-        template = (ONE_HOP_KINDS if hops == 1 else TWO_HOP_KINDS)[kind][1]
-        needed = [e.doc_id for e in chain]
         docs = chain + _distractors(rng, world, chain, docs_per_query - len(chain))
         order = [e.doc_id for e in docs]
         rng.shuffle(order)
-        queries.append(Query(
-            id=f"mh{i:04d}", question=template.format(x=subject.name), answer=gold, doc_ids=order,
-            topic=needed[-1],
-            meta={"hops": hops, "needed": needed, "kind": kind, "subject": subject.name,
-                  "bridge": chain[1].name if hops == 2 else None}))
-    docs = sorted((Doc(e.doc_id, e.text) for kind in ("city", "company", "product", "person")
+        queries.append(_query("mh", i, hops, kind, subject, chain, gold, order))
+    return _docs(world), queries
+
+
+def _seeded_world(n_questions: int, seed: int) -> tuple:
+    """The generator after building the world, and the world, of ``(n_questions, seed)``."""
+    rng = random.Random(f"kvboost-multihop:{int(seed)}")
+    return rng, _build_world(rng, n_questions)
+
+
+def _docs(world: dict) -> list:
+    return sorted((Doc(e.doc_id, e.text) for kind in ("city", "company", "product", "person")
                    for e in world[kind]), key=lambda d: d.id)
-    return docs, queries
+
+
+def _entities(world: dict) -> list:
+    return [e for kind in ("city", "company", "product", "person") for e in world[kind]]
+
+
+def _query(set_name: str, i: int, hops: int, kind: str, subject, chain: list, gold: str, order: list,
+           **meta) -> Query:
+    template = (ONE_HOP_KINDS if hops == 1 else TWO_HOP_KINDS)[kind][1]
+    needed = [e.doc_id for e in chain]
+    return Query(id=f"{set_name}{i:04d}", question=template.format(x=subject.name), answer=gold, doc_ids=order,
+                 topic=needed[-1],
+                 meta={"hops": hops, "needed": needed, "kind": kind, "subject": subject.name,
+                       "bridge": chain[1].name if hops == 2 else None, **meta})
+
+
+def _leakage_queries(rng: random.Random, world: dict, one: list, n: int, docs_per_query: int) -> list:
+    """One-hop questions without their answer document (see the module docstring)."""
+    out: list = []
+    for kind, subject, chain, gold in _balanced_pick(rng, one, len(one)):
+        if len(out) >= n:
+            break
+
+        def allowed(e, subject=subject, gold=gold) -> bool:   # nothing given may state the answer
+            return e is not subject and not _mentions(e.text, gold)
+
+        same = [e for e in world[subject.kind] if allowed(e)]
+        if not same:  # pragma: no cover - every kind has many entities
+            continue
+        replacement = rng.choice(same)
+        others = _distractors(rng, world, [subject, replacement], docs_per_query - 1, allowed)
+        docs = [replacement] + others
+        if len(docs) < docs_per_query:  # pragma: no cover - the world is far larger than a prompt
+            continue
+        order = [e.doc_id for e in docs]
+        rng.shuffle(order)
+        q = _query("leak", len(out), 1, kind, subject, chain, gold, order, set="leakage",
+                   answer_doc=subject.doc_id, replacement=replacement.doc_id)
+        q.meta["needed"] = []      # nothing given holds the answer
+        out.append(q)
+    return out
+
+
+def _unrelated(world: dict, chain: list, gold: str):
+    """A predicate: the entity shares no entity with the question's chain (it does not name a chain
+    entity, no chain document names it, it is not related by a fact link) and does not contain the
+    gold answer."""
+    related = {e.name for e in _related(world, chain)} | {e.name for e in chain}
+
+    def ok(e) -> bool:
+        return (e.name not in related and not _mentions(e.text, gold)
+                and not any(_mentions(e.text, c.name) or _mentions(c.text, e.name) for c in chain))
+    return ok
+
+
+def _random_distractor_queries(rng: random.Random, world: dict, one: list, two: list, n: int,
+                               docs_per_query: int, two_hop_share: float) -> list:
+    """The needed documents plus random unrelated documents (see the module docstring)."""
+    n_two = math.ceil(n * two_hop_share)
+    picked = ([(1, c) for c in _balanced_pick(rng, one, n - n_two)]
+              + [(2, c) for c in _balanced_pick(rng, two, n_two)])
+    rng.shuffle(picked)
+    everything = _entities(world)
+    out: list = []
+    for hops, (kind, subject, chain, gold) in picked:
+        ok = _unrelated(world, chain, gold)
+        pool = [e for e in everything if ok(e)]
+        count = docs_per_query - len(chain)
+        if len(pool) < count:  # pragma: no cover - the world is far larger than a prompt
+            continue
+        docs = list(chain) + rng.sample(pool, count)
+        order = [e.doc_id for e in docs]
+        rng.shuffle(order)
+        out.append(_query("rand", len(out), hops, kind, subject, chain, gold, order, set="random_distractors"))
+    return out
+
+
+def guard_sets(n_questions: int = 200, seed: int = 0, docs_per_query: int = 8, two_hop_share: float = 0.6,
+               *, leakage: int = 0, distractors: int = 0) -> dict:
+    """The faithfulness guard's query sets over the world and documents of
+    ``multihop_suite(n_questions, seed, docs_per_query)``: ``{"leakage": [Query], "random_distractors":
+    [Query]}`` with ``leakage`` and ``distractors`` questions (0 = an empty list).
+
+    * ``leakage`` queries (ids ``leak0000``...): one-hop; ``doc_ids`` never hold the answer document
+      (``meta["answer_doc"]``, also ``topic``) nor any document containing the gold answer; one slot
+      is another entity of the answer document's kind (``meta["replacement"]``); ``meta["needed"]``
+      is empty.
+    * ``random_distractors`` queries (ids ``rand0000``...): the needed documents plus documents
+      unrelated to the question (see the module docstring), ``two_hop_share`` of them two-hop.
+
+    Same arguments, same bytes in any process; drawn with a generator of their own, so the main
+    suite's queries do not change."""
+    n_questions, docs_per_query = int(n_questions), int(docs_per_query)
+    leakage, distractors = int(leakage), int(distractors)
+    if leakage < 0 or distractors < 0:
+        raise ValueError("leakage and distractors must be >= 0")
+    if docs_per_query < 2:
+        raise ValueError("docs_per_query must be >= 2 (two-hop questions need two documents)")
+    _, world = _seeded_world(n_questions, seed)
+    one, two = _candidates(world)
+    out: dict = {"leakage": [], "random_distractors": []}
+    if leakage:
+        rng = random.Random(f"kvboost-multihop:{int(seed)}:leakage")
+        out["leakage"] = _leakage_queries(rng, world, one, leakage, docs_per_query)
+    if distractors:
+        rng = random.Random(f"kvboost-multihop:{int(seed)}:random-distractors")
+        out["random_distractors"] = _random_distractor_queries(rng, world, one, two, distractors,
+                                                               docs_per_query, two_hop_share)
+    for name, want in (("leakage", leakage), ("random_distractors", distractors)):
+        if len(out[name]) < want:
+            raise ValueError(f"cannot generate {want} {name} questions from a world of {n_questions} "
+                             f"questions (got {len(out[name])}); raise --suite-size")
+    return out
 
 
 # ================================================================================ metrics
@@ -677,4 +806,17 @@ def accuracy_by_hops(rows: Iterable[Mapping]) -> dict:
         if ci is not None:
             ci = [max(0.0, ci[0]), min(1.0, ci[1])]
         out[name] = {"n": len(vals), "accuracy": mean, "ci95": ci}
+    return out
+
+
+def retention_by_hops(reference: Sequence, method: Sequence, hops: Sequence) -> dict:
+    """:func:`kvboost_rag_bench.metrics.retention` overall and per hop count: ``{"overall" |
+    "one_hop" | "two_hop": {"k", "n", "share", "ci95", "count"}}``. ``reference`` / ``method``:
+    per-question verdicts (truthy = correct), ``hops``: each question's hop count (1, 2 or None)."""
+    if not len(reference) == len(method) == len(hops):
+        raise ValueError("retention_by_hops: reference, method and hops must have one entry per question")
+    out = {"overall": retention(reference, method)}
+    for name, h in (("one_hop", 1), ("two_hop", 2)):
+        idx = [i for i, x in enumerate(hops) if x is not None and int(x) == h]
+        out[name] = retention([reference[i] for i in idx], [method[i] for i in idx])
     return out
