@@ -17,9 +17,9 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from kvboost_rag_bench.random_models import RANDOM_CONFIGS
-from kvboost_rag_bench.report import format_table, write_plots
-from kvboost_rag_bench.runner import (DEFAULT_PLOT_DOCS, DEFAULT_PLOT_RATIO, DEFAULT_RATIOS, log, parse_int_list,
-                     parse_ratios, parse_selections, parse_variants, run_bench, run_random_bench)
+from kvboost_rag_bench.report import format_guard, format_judgement, format_table, format_warm, write_plots
+from kvboost_rag_bench.runner import (DEFAULT_PLOT_DOCS, DEFAULT_PLOT_RATIO, DEFAULT_RATIOS, log, parse_encodings,
+                     parse_int_list, parse_ratios, parse_selections, parse_variants, run_bench, run_random_bench)
 
 
 def _add_arguments(p: argparse.ArgumentParser) -> None:
@@ -37,6 +37,15 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
                         "standard library's help topics) or 'multihop' (generated fictional entities, one- "
                         "and two-hop questions with short gold answers; see --suite-size, --seed)")
     g.add_argument("--suite-size", type=int, default=200, help="multihop: number of questions (default 200)")
+    g.add_argument("--leakage", type=int, default=0, metavar="N",
+                   help="multihop faithfulness guard: N one-hop questions whose answer document is not "
+                        "among the documents given (nor any document stating the answer); a method that "
+                        "answers them correctly 'leaks'. Leak rate per method, split by whether the answer "
+                        "document was in a retrieved document's index-time context (default 0: off)")
+    g.add_argument("--distractors", type=int, default=0, metavar="N",
+                   help="multihop faithfulness guard: N questions with their needed documents plus random "
+                        "documents unrelated to the question (instead of related distractors); accuracy and "
+                        "retention per method (default 0: off)")
     m = p.add_argument_group("model")
     m.add_argument("--model", default=None, help="HF id, local folder or .gguf (default SmolLM2-135M-Instruct)")
     m.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps ... (default auto)")
@@ -56,6 +65,16 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
     s.add_argument("--variant", action="append", default=[], metavar="NAME=FIELD:VALUE,...",
                    help="an extra method with engine settings of its own (repeatable), e.g. "
                         "'docs20=selection:attention_docs,recompute_ratio:0.2'")
+    s.add_argument("--encodings", default="context", metavar="LIST",
+                   help="stored encodings to compare, comma list of 'context' (each document encoded after "
+                        "its nearest corpus neighbours; the whole corpus is warmed) and 'isolated' (each "
+                        "alone). Documents are warmed once per encoding and every method runs once per "
+                        "encoding: the first keeps the method's name, the others are named "
+                        "'method/encoding' (default %(default)s; a core without context encoding runs "
+                        "isolated only)")
+    s.add_argument("--no-noise-floor", dest="noise_floor", action="store_false",
+                   help="multihop: do not add cacheblend@1 (recompute ratio 1) as the noise floor "
+                        "(it still runs, unmarked, when --ratios lists 1)")
     s.add_argument("--answer-tokens", type=int, default=32, help="greedy answer length (default 32)")
     s.add_argument("--repeats", type=int, default=1, help="generate calls per method and prompt "
                    "(default 1); a prompt's TTFT is the lowest engine-measured sample, the fidelity "
@@ -109,6 +128,7 @@ Hugging Face cache only.
 examples:
   kvboost-rag bench --max-queries 5 --json bench_out/k8.json
   kvboost-rag bench --model qwen2.5-coder-0.5b --suite multihop --dtype bfloat16 --ratios 0.1,0.2
+  kvboost-rag bench --suite multihop --encodings context,isolated --leakage 50 --distractors 50
   kvboost-rag bench --k 16 --ratios 0,0.15 --device cuda --dtype bfloat16 --no-plot
   kvboost-rag bench --cold --kv-bits 8                # KV fetched from a quantized disk store
   kvboost-rag bench --random-weights llama3-8b --device cuda   # speed only, no weights needed
@@ -151,8 +171,13 @@ def run_from_args(args, *, engine=None) -> int:
         parse_int_list(args.plot_docs, "--plot-docs")
         parse_selections(args.selections)
         parse_variants(args.variant)
+        parse_encodings(args.encodings)
     except ValueError as exc:
         raise SystemExit(f"bench: {exc}")
+    if args.leakage < 0 or args.distractors < 0:
+        raise SystemExit("bench: --leakage and --distractors must be >= 0")
+    if (args.leakage or args.distractors) and (args.suite != "multihop" or args.corpus or args.random_weights):
+        raise SystemExit("bench: --leakage / --distractors need --suite multihop (no --corpus, no --random-weights)")
     result = (run_random_bench(args, engine=engine) if args.random_weights
               else run_bench(args, engine=engine))
 
@@ -165,6 +190,9 @@ def run_from_args(args, *, engine=None) -> int:
             log(args.quiet, f"[bench] no plots: {exc}")
             result["plots"] = []
     print(format_table(result))
+    for section in (format_judgement(result), format_guard(result), format_warm(result)):
+        if section:
+            print(section)
     if result.get("profile"):
         from kvboost_rag_bench.profile import format_profile
         print(format_profile(result["profile"]))

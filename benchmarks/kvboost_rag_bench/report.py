@@ -3,6 +3,13 @@
 * :func:`format_table`: one row per method (median TTFT, speedup over full prefill, top-1, KL with
   its 95% interval, exact match, F1, contains-gold, reused / recomputed fractions); columns that
   no method has (e.g. fidelity in a speed-only run) are left out.
+* :func:`format_judgement`: answers judged against the full prefill (multihop and any run with
+  gold answers): accuracy overall / one-hop / two-hop, retention (share of the full prefill's
+  correct answers a method keeps) and verdict agreement, with 95% intervals and counts, and the
+  noise floor (``cacheblend@1``) spelled out.
+* :func:`format_guard`: the faithfulness guard's leakage and random-distractor sets.
+* :func:`format_warm`: the warm time and cost of each stored encoding (``warm: isolated X s,
+  context Y s (Z.Zx)``).
 * :func:`write_plots`: TTFT against context length (full prefill vs the plotted recompute ratio)
   and the ratio curve (speedup and top-1 agreement against the recompute ratio). matplotlib is
   imported when called, with the non-interactive Agg backend.
@@ -21,16 +28,20 @@ def format_table(result: dict) -> str:
     cols = [("method", "{}"), ("TTFT med s", "{:.4f}"), ("speedup", "{:.2f}x"),
             ("top-1", "{:.3f}"), ("KL mean", "{:.4f}"), ("KL 95% CI", "{}"), ("exact", "{:.2f}"),
             ("F1", "{:.3f}"), ("has gold", "{:.2f}"), ("acc 1-hop", "{:.3f}"), ("acc 2-hop", "{:.3f}"),
-            ("agree", "{:.3f}"), ("reused", "{:.2f}"), ("recomp", "{:.2f}")]
+            ("agree", "{:.3f}"), ("retention", "{:.3f}"), ("verdict", "{:.3f}"), ("reused", "{:.2f}"),
+            ("recomp", "{:.2f}")]
     keys = [None, "ttft_median_s", "speedup_vs_full", "top1_agreement", "kl_mean", "kl_ci95",
             "greedy_exact_match", "answer_f1", "answer_contains_gold", "accuracy_one_hop",
-            "accuracy_two_hop", "agreement_with_full", "reused_fraction", "recomputed_fraction"]
+            "accuracy_two_hop", "agreement_with_full", "retention", "verdict_agree", "reused_fraction",
+            "recomputed_fraction"]
     rows = []
     for name, m in methods.items():
         row = []
         for (title, fmt), key in zip(cols, keys):
-            val = name if key is None else m.get(key)
-            if val is None:
+            val = _label(name, m) if key is None else m.get(key)
+            if key == "retention" and m.get("retention_count"):   # "0.927 (51/55)"; "- (0/0)": nothing to keep
+                row.append(f"{'-' if val is None else f'{val:.3f}'} ({m['retention_count']})")
+            elif val is None:
                 row.append("-")
             elif key == "kl_ci95":
                 row.append(f"[{val[0]:.4f}, {val[1]:.4f}]")
@@ -47,6 +58,132 @@ def format_table(result: dict) -> str:
             f"{result.get('context_tokens_median')} tokens | "
             f"{result['machine'].get('device', '?')} {result['machine'].get('dtype', '')}")
     return head + "\n" + "\n".join(lines)
+
+
+def _label(name: str, m: dict) -> str:
+    return f"{name} [noise floor]" if m.get("noise_floor") else name
+
+
+def _grid(headers: list, rows: list) -> list:
+    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(headers)]
+    lines = ["  ".join(h.ljust(w) for h, w in zip(headers, widths)), "  ".join("-" * w for w in widths)]
+    return lines + ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows]
+
+
+def _share(val, ci=None, count=None) -> str:
+    """``0.927 [0.83, 0.97] 51/55`` (the parts that are there), ``-`` without a value."""
+    if val is None:
+        return "-" if not count else f"- {count}"
+    out = f"{val:.3f}"
+    if ci:
+        out += f" [{ci[0]:.2f}, {ci[1]:.2f}]"
+    if count:
+        out += f" {count}"
+    return out
+
+
+def _judgement_rows(methods: dict, hops: bool) -> tuple[list, list]:
+    headers = ["method", "accuracy [95% CI]"]
+    if hops:
+        headers += ["acc 1-hop", "acc 2-hop"]
+    headers += ["retention [95% CI] kept/full-correct"]
+    if hops:
+        headers += ["ret 1-hop", "ret 2-hop"]
+    headers += ["verdict agree"]
+    rows = []
+    for name, m in methods.items():
+        row = [_label(name, m), _share(m.get("answer_accuracy"), m.get("answer_accuracy_ci95"))]
+        if hops:
+            row += [_share(m.get("accuracy_one_hop"), m.get("accuracy_one_hop_ci95")),
+                    _share(m.get("accuracy_two_hop"), m.get("accuracy_two_hop_ci95"))]
+        row += [_share(m.get("retention"), m.get("retention_ci95"), m.get("retention_count"))]
+        if hops:
+            row += [_share(m.get("retention_one_hop"), m.get("retention_one_hop_ci95"), m.get("retention_one_hop_count")),
+                    _share(m.get("retention_two_hop"), m.get("retention_two_hop_ci95"), m.get("retention_two_hop_count"))]
+        row += [_share(m.get("verdict_agree"), m.get("verdict_agree_ci95"), m.get("verdict_agree_count"))]
+        rows.append(row)
+    return headers, rows
+
+
+def _noise_floor_line(result: dict, methods: dict) -> str:
+    name = result.get("noise_floor")
+    m = methods.get(name) if name else None
+    if not m:
+        return ""
+    return (f"noise floor: {name} (recompute ratio 1, same dtype) keeps "
+            f"{_share(m.get('retention'), m.get('retention_ci95'), m.get('retention_count'))} of the full "
+            f"prefill's correct answers, verdict agreement {_share(m.get('verdict_agree'), m.get('verdict_agree_ci95'))}; "
+            "a shortfall from 1.0 no larger than the floor's is numerical noise, not reuse error")
+
+
+def format_judgement(result: dict) -> str:
+    """Answers judged against the full prefill: one row per method with accuracy (overall and by
+    hops), retention and verdict agreement (95% intervals, counts), then the noise-floor line.
+    Empty when no method has a retention (no gold answers)."""
+    methods = result.get("methods") or {}
+    if not any("retention" in m for m in methods.values()):
+        return ""
+    hops = any("retention_one_hop" in m for m in methods.values())
+    headers, rows = _judgement_rows(methods, hops)
+    lines = ["answers judged against the full prefill (retention: of the questions the full prefill answers "
+             "correctly, the share the method also does):"] + _grid(headers, rows)
+    floor = _noise_floor_line(result, methods)
+    return "\n".join(lines + ([floor] if floor else []))
+
+
+def format_guard(result: dict) -> str:
+    """The faithfulness guard's sets (``--leakage``, ``--distractors``); empty when neither ran."""
+    parts = []
+    leak = result.get("leakage")
+    if leak:
+        where = leak.get("answer_doc_in_context")
+        head = (f"leakage: {leak['n_questions']} one-hop questions without their answer document "
+                "(a correct answer is a leak)"
+                + (f"; answer document in the index-time context of a retrieved document: {where} questions"
+                   if where else ""))
+        headers = ["method", "leak rate [95% CI]", "leaks"]
+        split = any("leaks_answer_in_context" in m for m in leak["methods"].values())
+        if split:
+            headers += ["answer doc in context", "not in context"]
+        rows = []
+        for name, m in leak["methods"].items():
+            row = [_label(name, m), _share(m.get("leak_rate"), m.get("leak_ci95")), m.get("leaks") or "-"]
+            if split:
+                row += [m.get("leaks_answer_in_context") or "-", m.get("leaks_answer_not_in_context") or "-"]
+            rows.append(row)
+        parts.append("\n".join([head] + _grid(headers, rows)))
+    rand = result.get("random_distractors")
+    if rand:
+        methods = rand["methods"]
+        hops = any("retention_one_hop" in m for m in methods.values())
+        headers, rows = _judgement_rows(methods, hops)
+        parts.append("\n".join([f"random distractors: {rand['n_questions']} questions, the needed documents plus "
+                                 "documents unrelated to the question"] + _grid(headers, rows)))
+    return "\n".join(parts)
+
+
+def format_warm(result: dict) -> str:
+    """``warm: isolated X s, context Y s (Z.Zx)`` and what the context cost; empty without a
+    per-encoding warm summary."""
+    warm = result.get("warm") or {}
+    encs = [e for e in result.get("encodings") or () if isinstance(warm.get(e), dict)]
+    if not encs:
+        return ""
+    parts = [f"{e} {warm[e]['seconds']:.2f} s" for e in encs]
+    line = "warm: " + ", ".join(parts)
+    ratio = warm.get("context_vs_isolated")
+    if ratio is not None:
+        line += f" ({ratio:.1f}x)"
+    docs = {warm[e]["encoded"] for e in encs}
+    line += f"; {'/'.join(str(d) for d in sorted(docs))} documents encoded"
+    ctx = warm.get("context")
+    if isinstance(ctx, dict):
+        line += (f"; context: {ctx['context_encoded']} documents after their neighbours, "
+                 f"+{ctx['context_tokens']} context tokens over {ctx['tokens']} document tokens")
+    if result.get("encodings_requested") and result.get("encodings") != result.get("encodings_requested"):
+        line += (f" (requested {','.join(result['encodings_requested'])}: this core has no index-time "
+                 "context encoding)")
+    return line
 
 
 # ---------------------------------------------------------------------------------- plots
@@ -75,7 +212,7 @@ def write_plots(result: dict, plot_dir: Path, stem: str = "bench") -> list[str]:
         paths.append(_save(fig, [ax], plot_dir / f"{stem}_ttft_vs_context.png", legend=8))
 
     curve = [(m["recompute_ratio"], name, m) for name, m in result["methods"].items()
-             if name == "reuse" or name.startswith("cacheblend@")]
+             if (name == "reuse" or name.startswith("cacheblend@")) and "/" not in name]  # first encoding
     curve = sorted(((0.0 if n == "reuse" else float(r)), n, m) for r, n, m in curve)
     if curve:
         has_top1 = any(m.get("top1_agreement") is not None for _, _, m in curve)
@@ -138,8 +275,10 @@ def frontier_points(result: dict) -> dict:
     for name, m in result["methods"].items():
         if name == "full" or m.get("answer_accuracy") is None or m.get("speedup_vs_full") is None:
             continue
+        name, _, encoding = name.partition("/")   # other encodings: their own curves
         rule, _, ratio = name.partition("@")
         rule = {"cacheblend": "attention (engine default rule)"}.get(rule, rule)
+        rule = f"{rule}, {encoding}" if encoding else rule
         out.setdefault(rule, []).append((m["speedup_vs_full"], m["answer_accuracy"], ratio or name))
     return out
 

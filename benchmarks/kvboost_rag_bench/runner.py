@@ -16,6 +16,23 @@ against the gold answer where one is given, and the fraction of prompt tokens re
 A context sweep times full prefill against one recompute ratio at several document counts (the
 TTFT-vs-context plot of :mod:`kvboost_rag_bench.report`).
 
+The multi-hop suite (``--suite multihop``) judges answers against the full prefill's: per method
+the accuracy (overall, one-hop, two-hop, 95% CIs), the **retention** (of the questions the full
+prefill answers correctly, the share the method also answers correctly; Wilson 95% CI; overall and
+by hops, with counts such as ``41/55``) and the **verdict agreement** (share of questions with the
+same right/wrong verdict). It always runs ``cacheblend@1`` (recompute ratio 1, same dtype) as
+the **noise floor** unless ``--no-noise-floor``: the retention and agreement a method would get if
+it differed from the full prefill only by numerical noise. ``--leakage N`` / ``--distractors N``
+add the faithfulness guard's query sets (:func:`kvboost_rag_bench.multihop.guard_sets`).
+
+Encodings (``--encodings context,isolated``): the documents are warmed once per encoding listed
+(``isolated``: each document alone; ``context``: after its nearest corpus neighbours,
+``engine.warm(texts, context="auto")``, over the whole corpus) and every method runs once per
+encoding, pinned to it with ``EngineConfig.encodings``; the first listed keeps the method's name,
+the others get a suffix (``default/isolated``). ``full`` and the noise floor run once (they do not
+depend on stored KV). Where the core has no index-time context encoding the run falls back to
+``isolated`` and says so (``result["encodings_requested"]`` vs ``result["encodings"]``).
+
 Interleaving matters: running all ``full`` prompts, then all ``cacheblend`` ones, lets clock
 boosts, other processes and allocator warm-up favour one method; here every prompt runs every
 method back to back, after discarded warm-up rounds, and a prompt's TTFT is the lowest of its
@@ -30,6 +47,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import importlib.util
+import inspect
 import os
 import platform
 import random
@@ -42,8 +61,8 @@ from typing import Any, Optional, Sequence
 from kvboost_rag.fidelity import kl_top1
 
 from kvboost_rag_bench import datasets
-from kvboost_rag_bench.metrics import contains_answer, mean, mean_ci95, median, token_f1
-from kvboost_rag_bench.multihop import accuracy_by_hops, answers_agree, multihop_suite
+from kvboost_rag_bench.metrics import contains_answer, mean, mean_ci95, median, share, token_f1, verdict_agreement
+from kvboost_rag_bench.multihop import accuracy_by_hops, answers_agree, guard_sets, multihop_suite, retention_by_hops
 from kvboost_rag_bench.random_models import (MAX_WORD_VOCAB, build_random_model, load_random_config, random_text,
                             resolve_device, word_count)
 from kvboost_rag.testing.models import word_tokenizer
@@ -53,6 +72,8 @@ SYSTEM_PROMPT = ("You are a helpful assistant. Answer the question using only th
 DEFAULT_RATIOS = (0.0, 0.05, 0.15, 0.3, 1.0)
 DEFAULT_PLOT_DOCS = (2, 4, 8, 16)
 DEFAULT_PLOT_RATIO = 0.15
+ENCODINGS = ("context", "isolated")
+NOISE_FLOOR = "cacheblend@1"
 
 
 # --------------------------------------------------------------------------------- methods
@@ -62,6 +83,7 @@ class Method:
     strategy: Optional[str]         # None -> engine default
     ratio: Optional[float]
     overrides: tuple = ()           # (EngineConfig field, value) pairs set for this method only
+    encoding: Optional[str] = None  # the stored encoding it reuses ("context"/"isolated"); None: not pinned
 
     def kwargs(self) -> dict:
         out: dict = {}
@@ -114,6 +136,63 @@ def build_methods(ratios: Sequence[float], selections: Sequence[str] = ()) -> li
         methods += [Method(f"{rule}@{r:g}", "cacheblend", float(r), (("selection", rule),))
                     for r in ratios if r > 0]
     return methods
+
+
+def is_noise_floor(method: Method) -> bool:
+    """``cacheblend@1``: recompute ratio 1, the engine's own settings otherwise."""
+    return method.strategy == "cacheblend" and method.ratio == 1.0 and not method.overrides
+
+
+def with_noise_floor(methods: Sequence[Method]) -> list[Method]:
+    """``methods`` with the noise floor (:data:`NOISE_FLOOR`, ratio 1) appended when missing
+    (only it: no ``rule@1`` of the extra selection rules)."""
+    methods = list(methods)
+    if any(is_noise_floor(m) for m in methods):
+        return methods
+    return methods + [Method(NOISE_FLOOR, "cacheblend", 1.0)]
+
+
+def parse_encodings(text: Optional[str]) -> list[str]:
+    """``"context,isolated"`` -> ``["context", "isolated"]`` (order kept, duplicates dropped);
+    ``ValueError`` for an empty list or another name."""
+    names = [x.strip() for x in str(text or "").split(",") if x.strip()]
+    bad = [n for n in names if n not in ENCODINGS]
+    if bad or not names:
+        raise ValueError(f"--encodings: expected a comma list of {list(ENCODINGS)}, got {text!r}")
+    return list(dict.fromkeys(names))
+
+
+def context_support(engine) -> bool:
+    """Whether the core encodes documents in context: ``engine.warm(..., context=)``, the
+    ``kvboost_rag.index.context`` module and ``EngineConfig.encodings`` (per-method pinning)."""
+    try:
+        from kvboost_rag.config import EngineConfig
+
+        return (importlib.util.find_spec("kvboost_rag.index.context") is not None
+                and "encodings" in EngineConfig.__dataclass_fields__
+                and "context" in inspect.signature(engine.warm).parameters)
+    except Exception:  # pragma: no cover - a core mid-change
+        return False
+
+
+def encoding_methods(methods: Sequence[Method], encodings: Sequence[str], *, pin: bool = True) -> list[Method]:
+    """Every method once per encoding: the first listed keeps the method's name, the others are
+    named ``name/encoding``, right after it. With ``pin``, each gets ``encodings=(that,)`` in its
+    engine settings. ``full`` (no stored KV), the noise floor (ratio 1: the stored values are
+    recomputed, so the encoding does not matter beyond noise) and methods
+    that set ``encodings`` themselves run once, unchanged."""
+    out = []
+    for m in methods:
+        fixed = (m.strategy == "full" or is_noise_floor(m)
+                 or any(field == "encodings" for field, _ in m.overrides))
+        if fixed:
+            out.append(m)
+            continue
+        for i, enc in enumerate(encodings):
+            name = m.name if i == 0 else f"{m.name}/{enc}"
+            overrides = m.overrides + ((("encodings", (enc,)),) if pin else ())
+            out.append(dataclasses.replace(m, name=name, overrides=overrides, encoding=enc))
+    return out
 
 
 def parse_variants(specs: Sequence[str]) -> list[Method]:
@@ -335,6 +414,7 @@ def summarize(per_query: list[dict], methods: Sequence[Method], *, has_gold: boo
             return mean([r[key] / p if p else None for r, p in zip(rows, prompt)])
 
         entry: dict = {
+            "encoding": m.encoding,
             "strategy": m.strategy if m.strategy is not None else (rows[0].get("strategy") if rows else None),
             "recompute_ratio": m.ratio if m.ratio is not None else (rows[0].get("recompute_ratio") if rows else None),
             "ttft_median_s": median(r["ttft_s"] for r in rows),
@@ -369,10 +449,66 @@ def summarize(per_query: list[dict], methods: Sequence[Method], *, has_gold: boo
                 entry["accuracy_one_hop_ci95"] = by_hops["one_hop"]["ci95"]
                 entry["accuracy_two_hop"] = by_hops["two_hop"]["accuracy"]
                 entry["accuracy_two_hop_ci95"] = by_hops["two_hop"]["ci95"]
+            entry.update(judge_against_full([f.get("contains_answer") for f in fulls],
+                                             [r.get("contains_answer") for r in rows], hops))
         if rows and "prefill_ttft_s" in rows[0]:
             entry["prefill_ttft_median_s"] = median(r["prefill_ttft_s"] for r in rows)
         summary[m.name] = entry
     return summary
+
+
+def judge_against_full(full: Sequence, method: Sequence, hops: Sequence) -> dict:
+    """A method's right/wrong verdicts judged against the full prefill's (same question order):
+    ``retention`` (share of the full prefill's correct answers the method keeps), overall and per
+    hop count (``retention_one_hop`` / ``retention_two_hop`` when hop counts are known), each with
+    ``*_ci95`` (Wilson) and ``*_count`` (``"41/55"``), and ``verdict_agree`` (share of questions
+    with the same verdict) with ``verdict_agree_ci95`` / ``verdict_agree_count``. Values are
+    ``None`` (counts ``"0/0"``) when there is nothing to judge."""
+    ret = retention_by_hops(list(full), list(method), [h if h else None for h in hops])
+    agree = verdict_agreement(list(full), list(method))
+    out = {}
+    groups = [("overall", "retention")]
+    if any(hops):
+        groups += [("one_hop", "retention_one_hop"), ("two_hop", "retention_two_hop")]
+    for group, key in groups:
+        out[key], out[f"{key}_ci95"], out[f"{key}_count"] = (ret[group]["share"], ret[group]["ci95"],
+                                                              ret[group]["count"])
+    out["verdict_agree"], out["verdict_agree_ci95"], out["verdict_agree_count"] = (
+        agree["share"], agree["ci95"], agree["count"])
+    return out
+
+
+def summarize_leakage(per_query: list[dict], methods: Sequence[Method]) -> dict:
+    """Per method on the leakage set: ``leak_rate`` (share of questions answered correctly though
+    no document given holds the answer), ``leak_ci95`` (Wilson), ``leaks`` (``"k/n"``); where it
+    is known whether the answer document was in the index-time context of a retrieved document
+    (``answer_doc_in_context`` of the per-query rows), the leaks split by it:
+    ``leaks_answer_in_context`` / ``leaks_answer_not_in_context`` (``"k/n"``)."""
+    known = [q.get("answer_doc_in_context") for q in per_query]
+    out = {}
+    for m in methods:
+        flags = [q["methods"][m.name].get("contains_answer") for q in per_query]
+        s = share(flags)
+        entry = {"encoding": m.encoding, "leak_rate": s["share"], "leak_ci95": s["ci95"], "leaks": s["count"]}
+        if any(k is not None for k in known):
+            entry["leaks_answer_in_context"] = share([f for f, k in zip(flags, known) if k is True])["count"]
+            entry["leaks_answer_not_in_context"] = share([f for f, k in zip(flags, known) if k is False])["count"]
+        out[m.name] = entry
+    return out
+
+
+_GUARD_KEYS = ("encoding", "answer_accuracy", "answer_accuracy_ci95", "accuracy_one_hop", "accuracy_one_hop_ci95",
+               "accuracy_two_hop", "accuracy_two_hop_ci95", "retention", "retention_ci95", "retention_count",
+               "retention_one_hop", "retention_one_hop_ci95", "retention_one_hop_count", "retention_two_hop",
+               "retention_two_hop_ci95", "retention_two_hop_count", "verdict_agree", "verdict_agree_ci95",
+               "verdict_agree_count", "agreement_with_full", "noise_floor")
+
+
+def summarize_distractors(per_query: list[dict], methods: Sequence[Method]) -> dict:
+    """Per method on the random-distractor set: accuracy (overall and by hops) and its judgement
+    against the full prefill (:func:`judge_against_full`)."""
+    full = summarize(per_query, methods, has_gold=True)
+    return {name: {k: v for k, v in m.items() if k in _GUARD_KEYS} for name, m in full.items()}
 
 
 # ---------------------------------------------------------------------------------- stores
@@ -426,20 +562,138 @@ def _dataset(args, engine) -> tuple[list, list, str]:
     return docs, queries, source
 
 
+def _is_multihop(args) -> bool:
+    return getattr(args, "suite", None) == "multihop" and not getattr(args, "corpus", None)
+
+
+def _guard_queries(args) -> dict:
+    """``--leakage`` / ``--distractors``: the multihop suite's guard sets (empty when both are 0)."""
+    n_leak, n_rand = int(getattr(args, "leakage", 0) or 0), int(getattr(args, "distractors", 0) or 0)
+    if not (n_leak or n_rand):
+        return {"leakage": [], "random_distractors": []}
+    if not _is_multihop(args):
+        raise SystemExit("bench: --leakage / --distractors need --suite multihop (and no --corpus)")
+    return guard_sets(n_questions=args.suite_size, seed=args.seed, docs_per_query=args.k,
+                      leakage=n_leak, distractors=n_rand)
+
+
+def _warm_summary(report, wall_s: float) -> dict:
+    get = lambda name: getattr(report, name, 0) or 0  # noqa: E731 - fields the core may not have yet
+    return {"documents": get("documents"), "encoded": get("encoded"), "skipped": get("skipped"),
+            "seconds": float(get("seconds")), "wall_s": wall_s, "tokens": get("tokens"),
+            "context_encoded": get("context_encoded"), "context_tokens": get("context_tokens"),
+            "failed": len(getattr(report, "failed", None) or [])}
+
+
+def warm_encodings(engine, texts: Sequence[str], encodings: Sequence[str], quiet: bool = True) -> tuple[dict, dict]:
+    """Warm ``texts`` once per encoding (``isolated``: ``engine.warm(texts)``; ``context``:
+    ``engine.warm(texts, context="auto")``). Before the timed warms, one untimed encode of the
+    first text (kernels, allocator) and, for ``context``, the embedding model is loaded (its load
+    time is ``embedder_load_s``, not in the context warm). Returns ``(reports, summary)``:
+    ``{encoding: WarmReport}`` and ``{encoding: {documents, encoded, seconds, wall_s, tokens,
+    context_encoded, context_tokens, ...}, "context_vs_isolated": ratio or None, "embedder_load_s"}``."""
+    summary: dict = {}
+    reports: dict = {}
+    if texts:
+        try:
+            engine.encode_batch([texts[0]])
+        except Exception:  # pragma: no cover - only a warm-up
+            pass
+    if "context" in encodings:
+        from kvboost_rag.index.context import packaged_minilm
+
+        t0 = time.perf_counter()
+        packaged_minilm()
+        summary["embedder_load_s"] = time.perf_counter() - t0
+    for enc in encodings:
+        t0 = time.perf_counter()
+        rep = engine.warm(list(texts), context="auto") if enc == "context" else engine.warm(list(texts))
+        reports[enc] = rep
+        summary[enc] = _warm_summary(rep, time.perf_counter() - t0)
+        log(quiet, f"[bench] warmed {summary[enc]['encoded']} documents ({enc}) in {summary[enc]['seconds']:.1f}s"
+                   + (f", {summary[enc]['context_tokens']} context tokens" if enc == "context" else ""))
+    iso, ctx = summary.get("isolated"), summary.get("context")
+    summary["context_vs_isolated"] = (ctx["seconds"] / iso["seconds"]
+                                      if iso and ctx and iso["encoded"] and iso["encoded"] == ctx["encoded"]
+                                      and iso["seconds"] > 0 else None)
+    return reports, summary
+
+
+def context_of(engine, text: str) -> Optional[list]:
+    """The store keys of the documents ``text`` was encoded after (its context entry's
+    ``meta["context"]``); None when there is no context entry or it carries no such metadata."""
+    try:
+        chunk = engine.store.get(engine.key_for_text(text, encoding="context"), engine.fingerprint)
+    except Exception:
+        return None
+    meta = getattr(chunk, "meta", None) if chunk is not None else None
+    if not meta or "context" not in meta:
+        return None
+    return [k for k in str(meta["context"]).split(",") if k]
+
+
+def answer_in_context(engine, answer_text: str, retrieved: Sequence[tuple]) -> tuple[Optional[bool], list]:
+    """Whether the answer document (its isolated key) is in the index-time context of one of the
+    ``retrieved`` ``(doc_id, text)`` documents: ``(flag or None when no context metadata is
+    available, [ids of the retrieved documents whose context holds it])``."""
+    try:
+        answer_key = engine.key_for_text(answer_text)
+    except Exception:  # pragma: no cover
+        return None, []
+    contexts = [(doc_id, context_of(engine, text)) for doc_id, text in retrieved]
+    if all(c is None for _, c in contexts):
+        return None, []
+    holders = [doc_id for doc_id, c in contexts if c and answer_key in c]
+    return bool(holders), holders
+
+
+def _run_queries(bench: "Bench", engine, queries: Sequence, methods: Sequence[Method], by_id: dict, k: int,
+                 quiet: bool, label: str, prompts: Optional[Sequence] = None) -> list[dict]:
+    """Every method on every query (interleaved per prompt); one per-query row each."""
+    per_query = []
+    for i, q in enumerate(queries):
+        t0 = time.perf_counter()
+        segs = (prompts[i] if prompts is not None
+                else build_prompt(engine, [by_id[d].text for d in q.doc_ids[:k]], q.question))
+        res = bench.run_query(segs, methods, gold=q.answer)
+        full_text = res.pop("_full_text")
+        per_query.append({"id": q.id, "question": q.question, "answer": q.answer,
+                          "hops": (q.meta or {}).get("hops"), "doc_ids": q.doc_ids[:k],
+                          "context_tokens": res["full"]["prompt_tokens"],
+                          "full_answer": full_text, "methods": res})
+        log(quiet, f"[bench] {label} {i + 1}/{len(queries)} ({res['full']['prompt_tokens']} tokens) "
+                   f"in {time.perf_counter() - t0:.1f}s: full {res['full']['ttft_s']:.3f}s, "
+                   + ", ".join(f"{n} {v['ttft_s']:.3f}s" for n, v in res.items() if n != "full"))
+    return per_query
+
+
 def run_bench(args, *, engine=None) -> dict:
     """The real-model benchmark (``engine``: an already-built engine, else loaded from
     ``--model``). Returns the JSON-able result."""
     import torch
 
     ratios = parse_ratios(args.ratios)
+    multihop = _is_multihop(args)
     plot_docs = [] if args.no_plot else parse_int_list(args.plot_docs, "--plot-docs")
-    methods = build_methods(ratios, parse_selections(args.selections)) + parse_variants(args.variant)
+    base_methods = build_methods(ratios, parse_selections(args.selections))
+    if multihop and getattr(args, "noise_floor", True):
+        base_methods = with_noise_floor(base_methods)
+    base_methods += parse_variants(args.variant)
+    requested = parse_encodings(getattr(args, "encodings", "context"))
+    guard = _guard_queries(args)
     store, store_dir = make_store(args)
     t0 = time.perf_counter()
     if engine is None:
         engine = _load_engine(args, store)
     load_s = time.perf_counter() - t0
     log(args.quiet, f"[bench] loaded {engine.model_name} in {load_s:.1f}s")
+
+    has_context = context_support(engine)
+    encodings = requested if has_context else ["isolated"]
+    if encodings != requested:
+        log(args.quiet, f"[bench] this core has no index-time context encoding: --encodings {','.join(requested)} "
+                        "runs with isolated encoding only")
+    methods = encoding_methods(base_methods, encodings, pin=has_context)
 
     docs, queries, source = _dataset(args, engine)
     by_id = {d.id: d for d in docs}
@@ -452,11 +706,19 @@ def run_bench(args, *, engine=None) -> dict:
     recall = (mean(float(q.topic in q.doc_ids[: args.k]) for q in with_topic) if with_topic else None)
 
     with torch.inference_mode():
-        used = list(dict.fromkeys(d for q in queries for d in q.doc_ids))
+        guard_queries = guard["leakage"] + guard["random_distractors"]
+        if "context" in encodings:   # neighbours are drawn from the texts warmed: the whole corpus
+            warm_ids = [d.id for d in docs]
+        else:
+            warm_ids = list(dict.fromkeys(d for q in [*queries, *guard_queries] for d in q.doc_ids[: need_k]))
+        log(args.quiet, f"[bench] warming {len(warm_ids)} documents"
+                        + (" (the whole corpus: context neighbours are drawn from it)" if "context" in encodings else "")
+                        + f", encodings: {', '.join(encodings)}")
         t0 = time.perf_counter()
-        warm = engine.warm([by_id[d].text for d in used])
+        warm_reports, warm_summary = warm_encodings(engine, [by_id[d].text for d in warm_ids], encodings,
+                                                    quiet=args.quiet)
         warm_s = time.perf_counter() - t0
-        log(args.quiet, f"[bench] warmed {len(used)} documents in {warm_s:.1f}s")
+        log(args.quiet, f"[bench] warmed {len(warm_ids)} documents x {len(encodings)} encoding(s) in {warm_s:.1f}s")
 
         bench = Bench(engine, answer_tokens=args.answer_tokens, repeats=args.repeats, fidelity=args.fidelity,
                       quiet=args.quiet)
@@ -464,24 +726,41 @@ def run_bench(args, *, engine=None) -> dict:
                    for q in queries]
         for _ in range(args.warmup):          # discarded warm-up round(s)
             bench.run_query(prompts[0], methods, gold=None)
-        per_query = []
-        for i, (q, segs) in enumerate(zip(queries, prompts)):
-            t0 = time.perf_counter()
-            res = bench.run_query(segs, methods, gold=q.answer)
-            full_text = res.pop("_full_text")
-            per_query.append({"id": q.id, "question": q.question, "answer": q.answer,
-                              "hops": (q.meta or {}).get("hops"), "doc_ids": q.doc_ids[: args.k],
-                              "context_tokens": res["full"]["prompt_tokens"],
-                              "full_answer": full_text, "methods": res})
-            log(args.quiet, f"[bench] query {i + 1}/{len(queries)} ({res['full']['prompt_tokens']} tokens) "
-                             f"in {time.perf_counter() - t0:.1f}s: full {res['full']['ttft_s']:.3f}s, "
-                             + ", ".join(f"{k} {v['ttft_s']:.3f}s" for k, v in res.items() if k != "full"))
+        per_query = _run_queries(bench, engine, queries, methods, by_id, args.k, args.quiet, "query", prompts)
+
+        # the faithfulness guard: answers only (no teacher-forced pass)
+        answers_only = Bench(engine, answer_tokens=args.answer_tokens, repeats=1, fidelity=False, quiet=args.quiet)
+        leakage = None
+        if guard["leakage"]:
+            rows = _run_queries(answers_only, engine, guard["leakage"], methods, by_id, args.k, args.quiet, "leakage")
+            for row, q in zip(rows, guard["leakage"]):
+                row["answer_doc"], row["replacement"] = q.meta["answer_doc"], q.meta["replacement"]
+                flag, holders = (answer_in_context(engine, by_id[q.meta["answer_doc"]].text,
+                                                   [(d, by_id[d].text) for d in q.doc_ids[: args.k]])
+                                 if "context" in encodings else (None, []))
+                row["answer_doc_in_context"], row["answer_doc_in_context_of"] = flag, holders
+            known = [r["answer_doc_in_context"] for r in rows if r["answer_doc_in_context"] is not None]
+            leakage = {"n_questions": len(rows),
+                       "answer_doc_in_context": (share(known)["count"] if known else None),
+                       "methods": summarize_leakage(rows, methods),
+                       "per_query": [_strip_ids(q) for q in rows]}
+        distractors = None
+        if guard["random_distractors"]:
+            rows = _run_queries(answers_only, engine, guard["random_distractors"], methods, by_id, args.k,
+                                args.quiet, "random distractors")
+            for row, q in zip(rows, guard["random_distractors"]):
+                row["needed"] = q.meta["needed"]
+            distractors = {"n_questions": len(rows), "methods": summarize_distractors(rows, methods),
+                           "per_query": [_strip_ids(q) for q in rows]}
 
         profile = None
         if getattr(args, "profile", False):
             from kvboost_rag_bench.profile import profile_methods
 
-            profile = profile_methods(engine, prompts, methods)
+            profile = {}
+            for m in methods:   # each under its own engine settings (variants, pinned encodings)
+                with bench._configured(m):
+                    profile.update(profile_methods(engine, prompts, [m]))
             log(args.quiet, "[bench] profiled the prefills")
 
         scaling = []
@@ -502,6 +781,13 @@ def run_bench(args, *, engine=None) -> dict:
                 log(args.quiet, f"[bench] plot {n} docs: {scaling[-1]['ttft_median_s']}")
 
     has_gold = any(q.answer is not None for q in queries)
+    summary = summarize(per_query, methods, has_gold=has_gold)
+    # the noise floor: cacheblend@1 of a multihop run (added there unless --no-noise-floor)
+    floor = (next((m.name for m in methods if is_noise_floor(m)), None)
+             if multihop and getattr(args, "noise_floor", True) else None)
+    for table in (summary, (distractors or {}).get("methods") or {}, (leakage or {}).get("methods") or {}):
+        if floor in table:
+            table[floor]["noise_floor"] = True
     result = {
         "model": engine.model_name,
         "fingerprint": getattr(engine, "fingerprint", None),
@@ -518,9 +804,16 @@ def run_bench(args, *, engine=None) -> dict:
         "warmup_rounds": args.warmup,
         "repeats": args.repeats,
         "context_tokens_median": median(q["context_tokens"] for q in per_query),
+        "encodings": list(encodings),
+        "encodings_requested": list(requested),
+        "context_encoding_available": has_context,
+        "noise_floor": floor,
         "timings_s": {"load": load_s, "retrieve": retrieve_s, "warm": warm_s},
-        "warm_report": _jsonable(warm),
-        "methods": summarize(per_query, methods, has_gold=has_gold),
+        "warm_report": _jsonable(warm_reports.get(encodings[0])),
+        "warm": warm_summary,
+        "methods": summary,
+        "leakage": leakage,
+        "random_distractors": distractors,
         "scaling": scaling,
         "profile": profile,
         "per_query": [_strip_ids(q) for q in per_query],
