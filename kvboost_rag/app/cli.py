@@ -38,7 +38,9 @@ below it, recursively) or a single text file. Documents already in the store are
 rerunning after a crash or Ctrl-C finishes the job without redoing anything. A line or file that
 cannot be read (not UTF-8, not JSON, "text" not a string) is reported as a failed document and the
 rest is warmed. A corpus with no documents at all (an empty folder, an empty file) is an error:
-warm prints a warning and exits with code 1.
+warm prints a warning and exits with code 1. A document the store refuses to write (disk full, a
+directory in the place of its entry) is a failed document with the reason; the rest is warmed,
+the report (and --json) is written, and warm exits with code 1.
 
 examples:
   kvboost-rag warm docs/ --store ~/kv
@@ -241,20 +243,37 @@ def cmd_warm(args) -> int:
         report = getattr(exc, "report", None)
         if report is not None:
             print(report.summary(), file=sys.stderr)
+            _write_report(args, report)
         print("interrupted; rerun the same command to resume", file=sys.stderr)
         return 130
     print(report.summary())
+    written = _write_report(args, report)
     if report.documents == 0:
         _warn_empty_corpus(args.corpus)
         return 1
-    if args.json:
-        text = json.dumps(report.to_dict(), indent=2)
-        if args.json == "-":
-            print(text)
-        else:
-            with open(args.json, "w", encoding="utf-8") as f:
-                f.write(text + "\n")
-    return 0
+    if report.store_errors:
+        print(f"{PROG} warm: error: the store refused {report.store_errors} encoded document(s) (reasons above); "
+              "fix the store and rerun the same command to store them", file=sys.stderr)
+        return 1
+    return 0 if written else 1
+
+
+def _write_report(args, report) -> bool:
+    """``--json``: the report as JSON to stdout or a file, whatever happened to the store (a
+    failure to write the file itself is an error naming it, with the summary already printed)."""
+    if not args.json:
+        return True
+    text = json.dumps(report.to_dict(), indent=2)
+    if args.json == "-":
+        print(text)
+        return True
+    try:
+        with open(args.json, "w", encoding="utf-8") as f:
+            f.write(text + "\n")
+    except OSError as exc:
+        print(f"{PROG} warm: error: could not write the report to {args.json}: {exc}", file=sys.stderr)
+        return False
+    return True
 
 
 def _warn_empty_corpus(corpus: str) -> None:

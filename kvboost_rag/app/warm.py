@@ -164,7 +164,7 @@ class _RayWarmWorker:
                 contexts[key] = context_of(self.engine, ids, neighbour_ids, self.context)
         for sub in batches(pending, self.batch_size, self.max_batch_tokens, contexts):
             rows.extend(encode_and_store(self.engine, self.store, sub, register=False, contexts=contexts))
-        cols = ("id", "key", "tokens", "bytes", "status", "reason", "context_tokens")
+        cols = ("id", "key", "tokens", "bytes", "status", "reason", "context_tokens", "store_error")
         return {c: [r[c] for r in rows] for c in cols}
 
 

@@ -38,6 +38,8 @@ class WarmReport:
 
     documents: documents seen; encoded: entries written by this run; skipped: already in the store;
     duplicates: identical to an earlier document of this run; failed: ``(document id, reason)``;
+    store_errors: how many of ``failed`` were encoded but refused by the store (disk full, a directory
+    in the entry's place): ``kvboost-rag warm`` exits 1 when there are any;
     tokens: tokens encoded by this run; bytes_written: bytes the store reported writing;
     encoding: ``"context"`` or ``"isolated"``; context_encoded / context_tokens: documents encoded
     after related documents and the extra tokens that cost;
@@ -59,6 +61,7 @@ class WarmReport:
     encoding: str = "isolated"
     context_encoded: int = 0  # documents encoded after a context of related documents
     context_tokens: int = 0   # context tokens those encodings ran through the model beyond the documents
+    store_errors: int = 0     # failed documents the store refused to write (in ``failed`` with the reason)
 
     @property
     def tokens_per_s(self) -> float:
@@ -77,7 +80,8 @@ class WarmReport:
             f"encoded          {self.encoded}",
             f"skipped (stored) {self.skipped}",
             f"duplicates       {self.duplicates}",
-            f"failed           {len(self.failed)}",
+            f"failed           {len(self.failed)}" + (f" ({self.store_errors} refused by the store)"
+                                                         if self.store_errors else ""),
             f"tokens encoded   {self.tokens}",
             *([f"with context     {self.context_encoded} documents, {self.context_tokens} extra tokens"]
               if self.encoding == "context" else ["encoding         isolated (no context)"]),
@@ -108,6 +112,7 @@ class WarmReport:
             self.duplicates += 1
         else:
             self.failed.append((str(row["id"]), str(row["reason"])))
+            self.store_errors += bool(row.get("store_error"))
 
 
 def human_bytes(n: float) -> str:
@@ -119,9 +124,9 @@ def human_bytes(n: float) -> str:
 
 
 def _row(doc: CorpusDoc, status: str, key: str = "", tokens: int = 0, nbytes: int = 0, reason: str = "",
-         context_tokens: int = 0) -> Dict[str, Any]:
+         context_tokens: int = 0, store_error: bool = False) -> Dict[str, Any]:
     return {"id": doc.id, "key": key, "tokens": tokens, "bytes": nbytes, "status": status, "reason": reason,
-            "context_tokens": context_tokens}
+            "context_tokens": context_tokens, "store_error": store_error}  # store_error: encoded, refused by the store
 
 
 # ------------------------------------------------------------- core steps
@@ -222,11 +227,37 @@ def encode_and_store(engine: Any, store: Any, batch: Sequence[Tuple[CorpusDoc, L
         ctx_ids, ctx_keys = contexts.get(key, ([], []))
         chunk.meta["encoding"] = CONTEXT if key in contexts else ISOLATED
         chunk.meta["context"] = ",".join(ctx_keys)
-        written = store.put(key, chunk)
+        try:
+            written = store.put(key, chunk)
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except Exception as exc:  # one entry's place or the disk: this document fails, the job goes on
+            rows.append(_row(doc, FAILED, key, len(ids), reason=store_failure(exc), store_error=True))
+            continue
         if register:
             engine.register_text(doc.text)
         rows.append(_row(doc, ENCODED, key, len(ids), written, context_tokens=len(ctx_ids)))
     return rows
+
+
+def store_failure(exc: BaseException) -> str:
+    """A failed ``store.put`` as a report reason: the store's own words for a StoreError (a
+    directory squatting the entry's path names the path to remove), the errno's meaning and the
+    fix for a full disk or a read-only store."""
+    import errno
+
+    from kvboost_rag.errors import StoreError
+
+    if isinstance(exc, StoreError):
+        return f"store write failed: {exc}"
+    code = getattr(exc, "errno", None)
+    where = f" ({exc.filename})" if getattr(exc, "filename", None) else ""
+    if code in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
+        return (f"store write failed: {exc.strerror or exc}{where}; free disk space or give the store a budget "
+                "(--max-bytes / max_bytes), then rerun to store the rest")
+    if code in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return f"store write failed: {exc.strerror or exc}{where}; the store is read-only for this process"
+    return f"store write failed: {type(exc).__name__}: {exc}"
 
 
 def interrupted(exc: KeyboardInterrupt, report: "WarmReport", t0: float) -> KeyboardInterrupt:

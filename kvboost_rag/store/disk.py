@@ -39,7 +39,7 @@ from kvboost_rag.kv.quantize import check_bits
 from kvboost_rag.store.entry_format import (FORMAT, MAX_HEADER_BYTES, SUFFIX, EntryInfo, _as_stored,
                                             _deserialize, _entry_info, _fields, _serialize, _to_chunk)
 from kvboost_rag.store.safe_files import (_KEY_RE, STALE_TEMP_AGE_S, _check_root, _entry_paths, _entry_paths_in,
-                                          _read_entry, _stale_temp_files, _store_wrote, _temp_path)
+                                          _read_entry, _squatter, _stale_temp_files, _store_wrote, _temp_path)
 
 __all__ = ["DiskStore", "TieredStore", "open_store", "EntryInfo", "FORMAT", "SUFFIX", "MAX_HEADER_BYTES",
            "STALE_TEMP_AGE_S", "default_store_dir", "fsync_dir"]
@@ -170,6 +170,10 @@ class DiskStore:
             self.corrupt += 1
             if key not in self.corrupt_keys:
                 self.corrupt_keys.append(key)
+        squatter = _squatter(path)
+        if squatter is not None:  # nothing to recompute into until someone removes it
+            log.warning("kvboost-rag store: entry %s is a miss: %s", key, squatter)
+            return False
         log.warning("kvboost-rag store: corrupt entry %s (%s): %s; it will be recomputed", key, path, reason)
         try:
             return self._remove(path, unreadable_ok=unreadable_ok, expect=st)
@@ -226,8 +230,15 @@ class DiskStore:
         return fields["fingerprint"] == fingerprint
 
     def put(self, key: str, chunk: KVChunk) -> int:
-        """Write ``chunk`` atomically under ``key`` (replacing any previous entry); returns bytes written."""
+        """Write ``chunk`` atomically under ``key`` (replacing any previous entry); returns bytes written.
+
+        A :class:`~kvboost_rag.errors.StoreError` if the entry's place holds something the store
+        never writes (a directory, FIFO, symlink: it is not replaced); OSError if the write fails
+        (disk full, read-only store)."""
         path = self.path_for(key)
+        squatter = _squatter(path)
+        if squatter is not None:
+            raise StoreError(f"cannot store {key}: {squatter}")
         data = _serialize(chunk, self.kv_bits)
         self._atomic_write(path, data)
         with self._lock:
@@ -310,6 +321,10 @@ class DiskStore:
             except MemoryError:
                 raise
             except Exception as exc:
+                squatter = _squatter(path)
+                if squatter is not None:  # never the store's: named, never removed
+                    bad.append((key, squatter + (" (left in place)" if remove else "")))
+                    continue
                 reason = f"{type(exc).__name__}: {exc}"
                 if remove and not self._mark_corrupt(key, path, reason, st, unreadable_ok=True):
                     reason += " (left in place: not a file this store wrote)"

@@ -162,6 +162,18 @@ def _file_kind(mode: int) -> str:
     return "not a regular file"
 
 
+def _squatter(path: Path) -> Optional[str]:
+    """Why ``path``, an entry's place, holds something the store cannot have written (a
+    directory, FIFO, symlink, socket or device), or None (nothing there, or a regular file)."""
+    try:
+        mode = os.lstat(path).st_mode
+    except OSError:
+        return None
+    if stat.S_ISREG(mode):
+        return None
+    return f"{_file_kind(mode)} at the entry path is not a file this store wrote; remove it by hand: {path}"
+
+
 def _open_regular(path: Path):
     """``path`` opened for reading, or OSError/ValueError if it is not a plain file.
 
