@@ -32,6 +32,8 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--k", "--docs-per-query", dest="k", type=int, default=8,
                    help="documents per prompt (default 8)")
     g.add_argument("--max-queries", type=int, default=None, help="use the first N queries")
+    g.add_argument("--query-offset", type=int, default=0, metavar="N",
+                   help="skip the first N queries (split a long suite over runs that share --store-dir)")
     g.add_argument("--suite", choices=("pydoc", "multihop"), default="pydoc",
                    help="built-in question set when no --corpus/--queries: 'pydoc' (20 questions on the "
                         "standard library's help topics) or 'multihop' (generated fictional entities, one- "

@@ -557,6 +557,9 @@ def _dataset(args, engine) -> tuple[list, list, str]:
     else:
         docs, queries = datasets.builtin_dataset(lambda t: len(engine.tokenize_document(t)))
         source = "builtin:pydoc_data.topics"
+    offset = getattr(args, "query_offset", 0) or 0
+    if offset:
+        queries = queries[offset:]
     if args.max_queries:
         queries = queries[: args.max_queries]
     return docs, queries, source
