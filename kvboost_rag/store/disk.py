@@ -32,6 +32,8 @@ import threading
 from pathlib import Path
 from typing import Container, Dict, Iterable, Iterator, List, Optional, Tuple, Union
 
+import torch
+
 from kvboost_rag.errors import InvalidConfigError, StoreError
 from kvboost_rag.files import atomic_file, fsync_dir
 from kvboost_rag.kv.chunk import KVChunk
@@ -307,15 +309,20 @@ class DiskStore:
             yield info
 
     def verify(self, *, remove: bool = False) -> List[Tuple[str, str]]:
-        """Fully check every entry (parse + checksum + tensor shapes). Returns ``(key, reason)``
-        for each bad one (a directory, FIFO or symlink in an entry's place included); with
-        ``remove=True`` also deletes those the store wrote, so they get recomputed."""
+        """Fully check every entry (parse + checksum + tensor shapes against ``num_tokens`` and the
+        token ids, ``start >= 0``, finite keys and values). Returns ``(key, reason)`` for each bad
+        one (a directory, FIFO or symlink in an entry's place included); with ``remove=True`` also
+        deletes those the store wrote, so they get recomputed. It does not know the model: whether
+        an entry fits one (layers, heads, context window) is checked when it is fetched."""
         bad = []
         for path in list(self._iter_paths()):
             key = path.name[: -len(SUFFIX)]
             try:
                 st = os.lstat(path)
-                _to_chunk(*_deserialize(*_read_entry(path, whole=True)))
+                chunk = _to_chunk(*_deserialize(*_read_entry(path, whole=True)))
+                for name, t in (("keys", chunk.keys), ("values", chunk.values)):
+                    if not bool(torch.isfinite(t).all()):
+                        raise ValueError(f"non-finite {name} (NaN or infinity)")
             except FileNotFoundError:
                 continue
             except MemoryError:

@@ -153,7 +153,7 @@ def _fields(m: Dict[str, str]) -> dict:
     return {
         "fingerprint": field("fingerprint", str),
         "num_tokens": field("num_tokens", int, lambda n: n == shape[2]),
-        "start": field("start", int),
+        "start": field("start", int, lambda v: v >= 0),
         "kv_bits": field("kv_bits", int, lambda b: b in (16, 8, 4)),
         "dtype": field("dtype", str, lambda d: d in _KV_DTYPES),
         "shape": shape,
