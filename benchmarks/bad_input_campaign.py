@@ -78,8 +78,10 @@ def _cli_case(argv: List[str]) -> Tuple[str, str]:
 
 
 def _cases(engine, tmp: Path, model_dir: Path) -> List[Tuple[str, Callable[[], Tuple[str, str]]]]:
-    from kvboost_rag import EngineConfig, SamplingParams, Segment
+    from kvboost_rag import EngineConfig, KVBoostEngine, SamplingParams, Segment
     from kvboost_rag.app.warm import warm_corpus
+    from kvboost_rag.store.disk import DiskStore
+    from kvboost_rag.store.tiered import open_store
     from kvboost_rag.testing.models import DOCS
 
     prompt = ([Segment.text("Context:\n")] + [Segment.document(DOCS[i]) for i in (0, 1)]
@@ -245,7 +247,65 @@ def _cases(engine, tmp: Path, model_dir: Path) -> List[Tuple[str, Callable[[], T
         ("cli warm missing corpus", C("warm", str(tmp / "nope"), "--store", store)),
         ("cli ask empty prompt", C(*ask, "")),
         ("cli ask lone surrogate prompt", C(*ask, "hi \udcff")),
+        # issue "a store and engine that never give a wrong answer": refused before anything is written
+        ("stop=['']", E(gen(stop=[""]))),
+        ("stop=['Answer', '']", E(gen(stop=["Answer", ""]))),
+        ("strategy=''", E(gen(strategy=""))),
+        ("prompt only whitespace", E(gen(p="  \n\t "))),
+        ("prompt of whitespace segments", E(gen(p=[" ", Segment.text("\n")]))),
+        ("verify([])", E(lambda: engine.verify([]))),
+        ("verify('abc')", E(lambda: engine.verify("abc"))),
+        ("chat user content None", E(lambda: engine.chat_segments([{"role": "user", "content": None}]))),
+        ("chat system message without content", E(lambda: engine.chat_segments([{"role": "system"}]))),
+        ("from_pretrained(store=123)", E(lambda: KVBoostEngine.from_pretrained(str(model_dir), store=123))),
+        ("from_pretrained(device='tpu')", E(lambda: KVBoostEngine.from_pretrained(str(model_dir), device="tpu"))),
+        ("from_pretrained(dtype='int8')", E(lambda: KVBoostEngine.from_pretrained(str(model_dir), dtype="int8"))),
+        ("from_pretrained(store='')", E(lambda: KVBoostEngine.from_pretrained(str(model_dir), store=""))),
+        ("KVBoostEngine(..., bogus=1)", E(lambda: KVBoostEngine(engine.model, engine.tokenizer, bogus=1))),
+        ("open_store(max_bytes=-1)", E(lambda: open_store(tmp / "s-neg", max_bytes=-1))),
+        ("open_store(max_bytes='1GB')", E(lambda: open_store(tmp / "s-str", max_bytes="1GB"))),
+        ("open_store(memory_bytes=-1)", E(lambda: open_store(tmp / "s-mem", memory_bytes=-1))),
+        ("DiskStore(123)", E(lambda: DiskStore(123))),
+        ("DiskStore('')", E(lambda: DiskStore(""))),
+        ("cli inspect --store ''", C("inspect", "--store", "")),
+        ("cli ask --store ''", C("ask", "--store", "", "--model", str(model_dir), "hi")),
+        *_framework_cases(engine, E),
     ]
+
+
+def _framework_cases(engine, E) -> List[Tuple[str, Callable[[], Tuple[str, str]]]]:
+    """The LangChain and LlamaIndex integrations' bad inputs (skipped where one is not installed)."""
+    cases: List[Tuple[str, Callable[[], Tuple[str, str]]]] = []
+    try:
+        from langchain_kvboost import ChatKVBoost, KVBoostLLM
+    except ImportError:
+        pass
+    else:
+        chat, llm = ChatKVBoost(engine=engine, max_tokens=2), KVBoostLLM(engine=engine, max_tokens=2)
+        cases += [
+            ("langchain ChatKVBoost.invoke(stop=[''])", E(lambda: chat.invoke("hi", stop=[""]))),
+            ("langchain KVBoostLLM.invoke(stop=[''])", E(lambda: llm.invoke("hi", stop=[""]))),
+            ("langchain ChatKVBoost(max_retries=-1)", E(lambda: ChatKVBoost(engine=engine, max_retries=-1))),
+            ("langchain KVBoostLLM(max_retries=-1)", E(lambda: KVBoostLLM(engine=engine, max_retries=-1))),
+            ("langchain bind_tools([5])", E(lambda: chat.bind_tools([5]))),
+            ("langchain bind_tools('garbage')", E(lambda: chat.bind_tools("garbage"))),
+            ("langchain invoke(tool_choice='required') without tools",
+             E(lambda: chat.invoke("hi", tool_choice="required"))),
+            ("langchain batch max_concurrency=0", E(lambda: chat.batch(["a", "b"], config={"max_concurrency": 0}))),
+            ("langchain KVBoostLLM.batch max_concurrency=0",
+             E(lambda: llm.batch(["a", "b"], config={"max_concurrency": 0}))),
+        ]
+    try:
+        from llama_index.llms.kvboost import KVBoostLLM as LlamaIndexLLM
+    except ImportError:
+        pass
+    else:
+        li = LlamaIndexLLM(engine=engine, max_new_tokens=2)
+        cases += [
+            ("llama-index complete(stop=[''])", E(lambda: li.complete("hi", stop=[""]))),
+            ("llama-index stream_complete(stop=[''])", E(lambda: list(li.stream_complete("hi", stop=[""])))),
+        ]
+    return cases
 
 
 def run_bad_inputs(verbose: bool = False) -> Dict[str, Any]:

@@ -22,6 +22,7 @@ _EXPORTS = {
     "warm_corpus": "app.warm", "WarmReport": "app.warm",
     "KVBoostError": "errors", "UnsupportedModelError": "errors", "ContextWindowError": "errors",
     "EmptyInputError": "errors", "InvalidConfigError": "errors", "InvalidInputError": "errors",
+    "UnknownOptionError": "errors",
     "GenerationCancelled": "errors", "StoreError": "errors",
     "ModelMismatchError": "errors", "CorruptEntryError": "errors", "PackagedModelError": "errors",
     "PackagedModelNotInstalledError": "errors", "PackagedModelCorruptError": "errors",

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any, Callable, Optional
 
 from kvboost_rag import validate
-from kvboost_rag.errors import InvalidConfigError
+from kvboost_rag.errors import InvalidConfigError, UnknownOptionError
 
 STRATEGIES = ("full", "reuse", "cacheblend")
 
@@ -144,12 +144,12 @@ class EngineConfig:
 
     def replace(self, **overrides) -> "EngineConfig":
         """A copy with ``overrides``: engine fields, or blend fields given flat; unknown names are
-        a TypeError."""
+        an UnknownOptionError (also a TypeError)."""
         engine_fields = {f.name for f in fields(self)} - {"blend"}
         blend_fields = {f.name for f in fields(BlendConfig)}
         unknown = sorted(set(overrides) - engine_fields - blend_fields - {"blend"})
         if unknown:
-            raise TypeError(f"unknown engine option(s) {unknown}; known: {sorted(engine_fields | blend_fields)}")
+            raise UnknownOptionError(f"unknown engine option(s) {unknown}; known: {sorted(engine_fields | blend_fields)}")
         blend = overrides.pop("blend", self.blend)
         blend_overrides = {k: overrides.pop(k) for k in list(overrides) if k in blend_fields}
         if blend_overrides:

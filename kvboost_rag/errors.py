@@ -26,6 +26,11 @@ class InvalidConfigError(KVBoostError, ValueError):
     """A parameter is out of range (e.g. recompute_ratio outside [0, 1])."""
 
 
+class UnknownOptionError(InvalidConfigError, TypeError):
+    """An option name the callee does not know (a typo, an option of another version), e.g.
+    ``KVBoostEngine(model, tokenizer, bogus=1)``. Also a TypeError, as for an unexpected keyword."""
+
+
 class InvalidInputError(KVBoostError, ValueError, TypeError):
     """An input has the wrong type or form: a prompt that is neither text nor segments, a single
     str where a list of texts is expected, invalid Unicode, a malformed chat message, a file that

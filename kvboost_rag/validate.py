@@ -124,18 +124,35 @@ def utf8(what: str, data: bytes) -> str:
             "a text file (UTF-8) is expected") from None
 
 
+def byte_budget(name: str, value: Any) -> Optional[int]:
+    """A store's byte budget: None (no limit) or an integer >= 0; ``"1GB"``, -1 or 1.5 are refused
+    with how to write it. ``name`` says where it was given (``"open_store memory_bytes / MemoryStore
+    max_bytes"``)."""
+    try:
+        return integer(name, value, minimum=0, allow_none=True)
+    except InvalidConfigError as exc:
+        raise InvalidConfigError(f"{exc}: a budget is a number of bytes, e.g. 1 << 30 for 1 GiB, "
+                                 "or None for no limit") from None
+
+
 def stop_sequences(stop: Any) -> tuple[str, ...]:
-    """None -> (); a str -> that ONE stop string; an iterable of str -> a tuple of them."""
+    """None -> (); a str -> that ONE stop string; an iterable of str -> a tuple of them. An empty
+    stop string is refused: it matches before the first token, so the answer would always be empty."""
     if stop is None:
         return ()
+    given = stop
     if isinstance(stop, str):
-        return (text("stop", stop),) if stop else ()
-    if isinstance(stop, (bytes, bytearray, Mapping)) or not isinstance(stop, Iterable):
+        stop = [stop]
+    elif isinstance(stop, (bytes, bytearray, Mapping)) or not isinstance(stop, Iterable):
         raise InvalidInputError(f"stop must be a str or a list of str, got {type(stop).__name__}")
     out = tuple(stop)
     for s in out:
         if not isinstance(s, str):
             raise InvalidInputError(f"stop must be a str or a list of str; it holds a {type(s).__name__} {show(s)}")
+        if not s:
+            raise InvalidInputError(f"stop={show(given)} "
+                                    "holds an empty string, which would end every answer before its first token; "
+                                    "drop it (stop=None for no stop sequence)")
         text("a stop string", s)
     return out
 

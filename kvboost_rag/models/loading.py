@@ -25,7 +25,7 @@ from typing import Optional, Union
 
 import torch
 
-from kvboost_rag.errors import InvalidInputError, UnsupportedModelError
+from kvboost_rag.errors import InvalidConfigError, InvalidInputError, UnsupportedModelError
 # Re-exported so that callers resolving models find the packaged-model names here too.
 from kvboost_rag.models.packaged import (DEFAULT_GGUF_NAME, DEFAULT_MODEL_PACKAGE, DEFAULT_PACKAGED_MODEL,  # noqa: F401
                               PackagedModel, default_gguf_path, find_packaged_model, kvboost_home,
@@ -50,10 +50,28 @@ POSITION_DEPENDENT_ROPE_TYPES = {"dynamic", "longrope"}
 # --------------------------------------------------------------------------------------------
 # Device, dtype, attention implementation
 # --------------------------------------------------------------------------------------------
+_DEVICE_TYPES = ("cpu", "cuda", "mps", "xpu")
+
+
 def pick_device(device: Union[str, torch.device, None] = "auto") -> torch.device:
-    """``"auto"`` picks cuda, then mps, then cpu."""
+    """``"auto"`` picks cuda, then mps, then cpu. Anything else must name a device torch can use
+    here (``"cpu"``, ``"cuda"``, ``"cuda:1"``, ``"mps"``), else an InvalidConfigError."""
     if device not in (None, "auto"):
-        return torch.device(device)
+        usage = "use 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'"
+        if isinstance(device, bool) or not isinstance(device, (str, torch.device, int)):
+            raise InvalidConfigError(f"device must be a str or torch.device, got {type(device).__name__} "
+                                     f"{device!r:.80}; {usage}")
+        try:
+            dev = torch.device(device)
+        except (RuntimeError, ValueError) as exc:
+            raise InvalidConfigError(f"device={device!r:.80} is not a device torch knows; {usage}") from exc
+        if dev.type not in _DEVICE_TYPES:
+            raise InvalidConfigError(f"device={device!r:.80} cannot run the model; {usage}")
+        backend = {"cuda": torch.cuda, "mps": getattr(torch.backends, "mps", None),
+                   "xpu": getattr(torch, "xpu", None)}.get(dev.type)
+        if backend is not None and not backend.is_available():
+            raise InvalidConfigError(f"device={device!r:.80}: this machine has no {dev.type} device; {usage}")
+        return dev
     if torch.cuda.is_available():
         return torch.device("cuda")
     if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
@@ -81,10 +99,14 @@ def cpu_has_fast_bf16() -> bool:
 def pick_dtype(dtype: Union[str, torch.dtype, None], device: torch.device) -> torch.dtype:
     """``"auto"`` / None: bfloat16 where the hardware runs it natively (GPUs that support it, CPUs
     with AMX or AVX512-BF16), float16 on older GPUs and on MPS, float32 on other CPUs."""
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    if isinstance(dtype, str) and dtype != "auto":
-        return getattr(torch, dtype)
+    if dtype is not None and dtype != "auto":
+        chosen = dtype if isinstance(dtype, torch.dtype) else getattr(torch, dtype, None) if isinstance(dtype, str) else None
+        if (not isinstance(chosen, torch.dtype) or not chosen.is_floating_point or chosen.itemsize < 2
+                or chosen.is_complex):
+            raise InvalidConfigError(
+                f"dtype={dtype!r:.80} is not a floating-point dtype a model runs in; use 'auto', 'bfloat16', "
+                "'float16' or 'float32' (to store KV in fewer bits: DiskStore(kv_bits=8) / --kv-bits 8)")
+        return chosen
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     if device.type == "mps":
@@ -303,12 +325,12 @@ def load_model_and_tokenizer(
     """Load (model, tokenizer) in eval mode, after refusing architectures that cannot work."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+    dev = pick_device(device)  # bad device / dtype refused before anything is downloaded or converted
+    torch_dtype = pick_dtype(dtype, dev)
     source = resolve_model_source(model)
     token = token or os.environ.get("HF_TOKEN")
     config = AutoConfig.from_pretrained(source, token=token)
     check_architecture(config)
-    dev = pick_device(device)
-    torch_dtype = pick_dtype(dtype, dev)
     attn = pick_attn_implementation(attn_implementation, dev, torch_dtype)
     kwargs = dict(dtype=torch_dtype, attn_implementation=attn, token=token)
     if device_map is not None:

@@ -38,7 +38,8 @@ def render_chat(tokenizer, messages: Sequence[dict], add_generation_prompt: bool
 
     A message is ``{"role": ..., "content": ...}`` with a role in
     :data:`kvboost_rag.validate.CHAT_ROLES`; its content is a string, a list of strings /
-    :class:`Segment` objects (parts are joined by a blank line), or None / absent (empty). Anything
+    :class:`Segment` objects (parts are joined by a blank line), or for an assistant message None /
+    absent (empty). Anything
     else is an :class:`~kvboost_rag.errors.InvalidInputError` naming the message. Documents are replaced by sentinels, the template is
     rendered, and the result is split back into text and document segments.
 
@@ -108,8 +109,9 @@ def render_tools(tokenizer, messages: Sequence[dict], tools: Sequence[Any], add_
 def check_messages(messages: Any) -> list[dict]:
     """Check chat messages and return them as ``[{"role": str, "content": str | list}]``.
 
-    Each message is a dict with a ``role`` in :data:`~kvboost_rag.validate.CHAT_ROLES` and a ``content`` that is a str,
-    a list of str / Segment, or None / absent (taken as "")."""
+    Each message is a dict with a ``role`` in :data:`~kvboost_rag.validate.CHAT_ROLES` and a ``content`` that is a str
+    or a list of str / Segment; an assistant message's content may be None / absent (taken as "": OpenAI
+    style, a message that carries ``tool_calls``), any other message's may not."""
     if isinstance(messages, (str, bytes, bytearray, Mapping)) or not isinstance(messages, Iterable):
         raise InvalidInputError(
             f"chat messages must be a list of {{'role': ..., 'content': ...}} dicts, got {type(messages).__name__}")
@@ -124,6 +126,11 @@ def check_messages(messages: Any) -> list[dict]:
         if role not in validate.CHAT_ROLES:
             raise InvalidInputError(f"chat message {i} has role {validate.show(role)}; accepted roles: {', '.join(validate.CHAT_ROLES)}")
         content = m.get("content")
+        if content is None and role != "assistant":
+            raise InvalidInputError(
+                f"chat message {i} ({role}) has {'content None' if 'content' in m else 'no content'}; give its "
+                "text ('' for an empty message). Only an assistant message may omit it (OpenAI style, e.g. one "
+                "that carries tool_calls)")
         if content is None or isinstance(content, str):
             out.append({"role": role, "content": validate.text(f"chat message {i}'s content", content or "")})
             continue

@@ -206,6 +206,18 @@ def tokenize_segments(tokenizer, segments: Sequence[Segment], tokenize_document)
     return TokenizedPrompt(ids, docs)
 
 
+def check_prompt(prompt: Any) -> None:
+    """:func:`check_prompt_type`, and a prompt that is empty or only whitespace (with no document
+    segment) is an :class:`EmptyInputError`: there is nothing to answer."""
+    check_prompt_type(prompt)
+    parts = [prompt] if isinstance(prompt, (str, Segment)) else list(prompt)
+    if any(isinstance(p, Segment) and p.is_document for p in parts):
+        return
+    if not any((p.text if isinstance(p, Segment) else p).strip() for p in parts):
+        raise EmptyInputError(f"The prompt is empty or only whitespace ({validate.show(prompt)}); "
+                              "there is nothing to answer. Give it text or a document segment.")
+
+
 def check_prompt_type(prompt: Any) -> None:
     """The prompt's container type: a str, a :class:`Segment`, or a list/tuple of Segment / str."""
     if isinstance(prompt, (str, Segment)):

@@ -34,7 +34,8 @@ from typing import Container, Dict, Iterable, Iterator, List, Optional, Tuple, U
 
 import torch
 
-from kvboost_rag.errors import InvalidConfigError, StoreError
+from kvboost_rag import validate
+from kvboost_rag.errors import InvalidConfigError, InvalidInputError, StoreError
 from kvboost_rag.files import atomic_file, fsync_dir
 from kvboost_rag.kv.chunk import KVChunk
 from kvboost_rag.kv.quantize import check_bits
@@ -85,12 +86,19 @@ class DiskStore:
         kv_bits: int = 16,
         fsync: bool = True,
     ) -> None:
+        if root is not None and not isinstance(root, (str, os.PathLike)):
+            raise InvalidInputError(f"DiskStore takes a directory path (str or os.PathLike) or None for the default "
+                                    f"({default_store_dir()}); got {type(root).__name__} {validate.show(root)}")
+        if isinstance(root, str) and not root.strip():
+            raise InvalidConfigError("the store path is empty; give a directory (e.g. ~/kv), or leave it out for "
+                                     f"the default ({default_store_dir()})")
         if isinstance(root, str) and "://" in root and not root.startswith("file://"):
             raise InvalidConfigError(f"DiskStore takes a local directory, got the URL {root!r}")
         if isinstance(root, str) and root.startswith("file://"):
             root = root[len("file://") :]
         self.root = Path(root).expanduser() if root is not None else default_store_dir()
-        self.max_bytes = max_bytes
+        self.max_bytes = validate.byte_budget("the disk budget (DiskStore / open_store max_bytes, --max-bytes)",
+                                              max_bytes)
         self.kv_bits = check_bits(kv_bits)
         self.fsync = fsync
         self._lock = threading.Lock()

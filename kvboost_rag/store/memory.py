@@ -13,6 +13,7 @@ import threading
 from collections import OrderedDict
 from typing import Iterator, Optional, Protocol, runtime_checkable
 
+from kvboost_rag import validate
 from kvboost_rag.kv.chunk import KVChunk
 
 
@@ -44,7 +45,8 @@ class MemoryStore:
     """
 
     def __init__(self, max_bytes: Optional[int] = 4 << 30) -> None:
-        self.max_bytes = max_bytes
+        self.max_bytes = validate.byte_budget("the memory budget (open_store memory_bytes / MemoryStore max_bytes)",
+                                              max_bytes)
         self._entries: "OrderedDict[str, KVChunk]" = OrderedDict()
         self._bytes = 0
         self._lock = threading.Lock()

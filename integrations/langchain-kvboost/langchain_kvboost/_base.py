@@ -13,6 +13,7 @@ from typing import Any, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from kvboost_rag import validate
 from kvboost_rag.frameworks import options as integration
 from kvboost_rag.errors import InvalidConfigError
 
@@ -62,6 +63,13 @@ class KVBoostParams(integration.EngineHolder, BaseModel):
     streaming: bool = False
     """Whether ``invoke`` goes through the streaming path (token callbacks fire either way)."""
 
+    def __init__(self, **data: Any) -> None:
+        # Checked before pydantic, so a bad value is a KVBoostError naming it (pydantic would wrap
+        # it in a ValidationError).
+        if "max_retries" in data:
+            validate.integer("max_retries", data["max_retries"], minimum=0)
+        super().__init__(**data)
+
     @field_validator("model_kwargs")
     @classmethod
     def _check_model_kwargs(cls, value: dict[str, Any]) -> dict[str, Any]:
@@ -104,6 +112,14 @@ class KVBoostParams(integration.EngineHolder, BaseModel):
 # passes through with no list to keep here.
 _OPTION_FIELDS = integration.option_fields(KVBoostParams.model_fields)
 _RESERVED = tuple(name for pair in _OPTION_FIELDS for name in pair)
+
+
+def check_batch_config(config: Any) -> None:
+    """``batch(config=...)``: every ``max_concurrency`` is None or an integer >= 1 (0 would make
+    LangChain's thread pool raise a bare ValueError, and ``abatch`` wait forever)."""
+    for c in config if isinstance(config, (list, tuple)) else [config]:
+        if isinstance(c, dict) and c.get("max_concurrency") is not None:
+            validate.integer("max_concurrency", c["max_concurrency"], minimum=1)
 
 
 def usage_metadata(result: Any) -> dict:

@@ -30,7 +30,10 @@ from kvboost_rag.frameworks import options as integration
 from kvboost_rag.serve.streaming import TokenStream
 from kvboost_rag.frameworks.tool_calls import ToolCallStream, ToolTurn, prepare_tool_turn
 
-from ._base import KVBoostParams, response_metadata, usage_metadata
+from kvboost_rag import validate
+from kvboost_rag.errors import InvalidConfigError, InvalidInputError
+
+from ._base import KVBoostParams, check_batch_config, response_metadata, usage_metadata
 from .documents import is_document_block
 
 _MEDIA_BLOCKS = {"image", "image_url", "audio", "input_audio", "video", "file"}
@@ -85,6 +88,24 @@ def _lc_tool_call_chunk(call: Any, index: int) -> dict:
     calls of one answer apart when chunks are merged)."""
     return {"name": call.name, "args": json.dumps(call.arguments, ensure_ascii=False), "id": call.id,
             "index": index, "type": "tool_call_chunk"}
+
+
+def _openai_tools(tools: Any) -> list[dict]:
+    """``bind_tools``' tools as OpenAI tool dicts; anything that is not a list of tools is an
+    :class:`~kvboost_rag.errors.InvalidInputError` naming the culprit."""
+    usage = ("a tool is a dict (OpenAI function or JSON schema), a pydantic class, a function or a BaseTool; "
+             "pass a list of them: bind_tools([get_weather])")
+    if isinstance(tools, (str, bytes, bytearray, dict)) or not isinstance(tools, Sequence):
+        raise InvalidInputError(f"bind_tools takes a list of tools, got a {type(tools).__name__} "
+                                f"{validate.show(tools)}; {usage}")
+    out = []
+    for i, tool in enumerate(tools):
+        try:
+            out.append(convert_to_openai_tool(tool))
+        except (ValueError, TypeError, KeyError, AttributeError) as exc:
+            raise InvalidInputError(f"bind_tools: tool {i} is a {type(tool).__name__} {validate.show(tool)}, "
+                                    f"not a tool ({str(exc).splitlines()[0][:80]}); {usage}") from exc
+    return out
 
 
 class ChatKVBoost(BaseChatModel, KVBoostParams):
@@ -148,7 +169,8 @@ class ChatKVBoost(BaseChatModel, KVBoostParams):
             turn = prepare_tool_turn(engine, engine_messages, tools, tool_choice)
             return engine.stream(turn.segments, **integration.constrained_kwargs(gen_kwargs, turn.constraint)), turn
         if tool_choice not in (None, "auto", "none"):
-            raise ValueError(f"ChatKVBoost: tool_choice={tool_choice!r} without tools; bind them with bind_tools")
+            raise InvalidConfigError(f"ChatKVBoost: tool_choice={tool_choice!r} without tools; bind them with "
+                                     "bind_tools([...], tool_choice=...)")
         # warmed documents pasted into text (stock chains) are detected by the engine
         prompt = engine.chat_segments(engine_messages)
         return engine.stream(prompt, **integration.constrained_kwargs(gen_kwargs, constraint)), None
@@ -275,6 +297,14 @@ class ChatKVBoost(BaseChatModel, KVBoostParams):
             yield chunk
         yield last
 
+    def batch(self, inputs: list, config: Any = None, **kwargs: Any) -> list:
+        check_batch_config(config)
+        return super().batch(inputs, config, **kwargs)
+
+    async def abatch(self, inputs: list, config: Any = None, **kwargs: Any) -> list:
+        check_batch_config(config)
+        return await super().abatch(inputs, config, **kwargs)
+
     # -- tools and structured output -------------------------------------------------------------
     def bind_tools(self, tools: Sequence[Union[dict[str, Any], type, Callable, BaseTool]], *,
                    tool_choice: Optional[Union[dict, str, bool]] = None,
@@ -293,11 +323,11 @@ class ChatKVBoost(BaseChatModel, KVBoostParams):
         ``</tool_call>``; a forced call or a bare-JSON call at the end); the merged chunks'
         ``tool_calls`` are the calls :meth:`invoke` would return.
         """
-        formatted = [convert_to_openai_tool(t) for t in tools]
+        formatted = _openai_tools(tools)
         if isinstance(tool_choice, str) and tool_choice not in ("auto", "none", "any", "required"):
             names = [t["function"]["name"] for t in formatted]
             if tool_choice not in names:
-                raise ValueError(f"tool_choice {tool_choice!r} names no bound tool; tools: {names}")
+                raise InvalidConfigError(f"tool_choice {tool_choice!r} names no bound tool; tools: {names}")
         return self.bind(tools=formatted, tool_choice=tool_choice, **kwargs)
 
     def with_structured_output(self, schema: Union[dict, type], *,

@@ -14,7 +14,7 @@ from langchain_core.outputs import Generation, GenerationChunk, LLMResult
 from kvboost_rag.frameworks import options as integration
 from kvboost_rag.serve.streaming import TokenStream
 
-from ._base import KVBoostParams, response_metadata, usage_metadata
+from ._base import KVBoostParams, check_batch_config, response_metadata, usage_metadata
 
 
 class KVBoostLLM(BaseLLM, KVBoostParams):
@@ -43,6 +43,14 @@ class KVBoostLLM(BaseLLM, KVBoostParams):
         model = kwargs.get("model")
         params["ls_model_name"] = model if isinstance(model, str) else self.model_label
         return params
+
+    def batch(self, inputs: list, config: Any = None, **kwargs: Any) -> list:
+        check_batch_config(config)
+        return super().batch(inputs, config, **kwargs)
+
+    async def abatch(self, inputs: list, config: Any = None, **kwargs: Any) -> list:
+        check_batch_config(config)
+        return await super().abatch(inputs, config, **kwargs)
 
     def _prepare(self, prompt: str, stop: Optional[list[str]], kwargs: dict) -> TokenStream:
         """The engine stream of one prompt. ``response_format`` (``.bind(response_format=...)`` or a
