@@ -15,9 +15,13 @@ c. faults: one hostile file-system state per row (directory / FIFO / 20 GB spars
    header types / unreadable file / symlinks out of the root / foreign model files / stale temp
    files), then every store operation and ``kvboost-rag inspect --verify [--repair]`` on it, each
    under a timeout. ``crashes``, ``hangs``, ``bad_served`` and ``foreign_touched`` must be 0.
-d. bad inputs: :func:`bad_input_section`, the engine and CLI inputs of ``bad_input_campaign.py``.
+   A ``put`` onto a directory, FIFO or symlink squatting an entry's path is refused with a
+   StoreError (a clear refusal, not a crash) and leaves it untouched.
+d. bad inputs: :func:`bad_input_section`, the engine, CLI and integration inputs of
+   ``bad_input_campaign.py``.
 
-Exit code 1 if any must-be-zero figure is not.
+``--sections`` runs some of them (tests/store/test_fault_campaign.py runs the quick form of the
+first three; the bad inputs have their own tests). Exit code 1 if any must-be-zero figure is not.
 """
 from __future__ import annotations
 
@@ -312,6 +316,22 @@ def cli(root: Path, *args) -> int:
         return main(["inspect", "--store", str(root), *args])
 
 
+SQUATTERS = ("directory entry", "FIFO entry", "symlink entry out of root")
+
+
+def put_refusing_squatters(store: DiskStore, kind: str) -> None:
+    """A put of the bad key: refused with a StoreError where a directory, FIFO or symlink squats
+    its path (anything else escaping is a crash); a plain write elsewhere."""
+    try:
+        store.put(BAD, labelled_chunk(BAD, 2, SMALL))
+    except StoreError as exc:
+        if kind not in SQUATTERS or "remove it by hand" not in str(exc):
+            raise RuntimeError(f"unexpected refusal: {exc}") from exc
+        return
+    if kind in SQUATTERS:
+        raise RuntimeError("a put replaced a file the store did not write")
+
+
 def fault_section(base: Path, timeout: float) -> dict:
     rows, totals = {}, {"crashes": 0, "hangs": 0, "bad_served": 0, "foreign_touched": 0, "stale_temp_left": 0}
     for kind in FAULTS:
@@ -355,6 +375,7 @@ def fault_section(base: Path, timeout: float) -> dict:
                 row["bad_served"] += good is None or not served_correctly(good)
             row["cli_repair_rc"] = op("cli inspect --verify --repair", lambda: cli(root, "--verify", "--repair"))
             if opened is not None:
+                op("put over the bad entry", lambda: put_refusing_squatters(opened, kind))
                 op("evict", lambda: opened.put(key_name(3), labelled_chunk(key_name(3), 1, SMALL)))
                 op("clear", opened.clear)
         after = snapshot(case, own)
@@ -384,11 +405,27 @@ def bad_input_section(quick: bool) -> dict:
 
 
 # ------------------------------------------------------------------ driver
+SECTIONS = ("kills", "concurrency", "faults", "bad-inputs")
+
+
+def _sections(text: str) -> tuple:
+    names = tuple(n.strip() for n in text.split(",") if n.strip())
+    unknown = [n for n in names if n not in SECTIONS]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(f"unknown section(s) {unknown or [text]}; choose from {', '.join(SECTIONS)}")
+    return names
+
+
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="fewer kills and a shorter concurrent run (~30 s)")
-    ap.add_argument("--kills", type=int, default=None, help="SIGKILLs during puts (default: 8 quick, 40 full)")
-    ap.add_argument("--seed", type=int, default=0)
+    ap = argparse.ArgumentParser(prog="fault_campaign.py", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true",
+                    help="8 kills of 8 MB puts and a 4 s concurrent run instead of 40 and 20 s (~35 s in all)")
+    ap.add_argument("--kills", type=int, default=None, metavar="N",
+                    help="SIGKILLs during puts (default: 8 quick, 40 full)")
+    ap.add_argument("--seed", type=int, default=0, metavar="N", help="seed of the kill timing (default: 0)")
+    ap.add_argument("--sections", type=_sections, default=SECTIONS, metavar="LIST",
+                    help=f"comma-separated sections to run (default: all of {','.join(SECTIONS)})")
     ap.add_argument("--json", default=None, metavar="FILE", help="also write the results to FILE")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
@@ -397,11 +434,17 @@ def main(argv=None) -> int:
     big = (4, 8, 1024, 64) if args.quick else (8, 8, 2048, 64)
     t0 = time.time()
     base = Path(tempfile.mkdtemp(prefix="kvb-faults-"))
+    runs = {"kills": lambda: kill_section(base, kills, big, rng),
+            "concurrency": lambda: concurrency_section(base, 4.0 if args.quick else 20.0, 2, 2, (2, 4, 256, 64)),
+            "faults": lambda: fault_section(base, timeout=20.0),
+            "bad-inputs": lambda: bad_input_section(args.quick)}
+    results, section_seconds = {}, {}
     try:
-        results = {"kills": kill_section(base, kills, big, rng),
-                   "concurrency": concurrency_section(base, 4.0 if args.quick else 20.0, 2, 2, (2, 4, 256, 64)),
-                   "faults": fault_section(base, timeout=20.0),
-                   "bad_inputs": bad_input_section(args.quick)}
+        for name in SECTIONS:
+            if name in args.sections:
+                t_section = time.time()
+                results[name.replace("-", "_")] = runs[name]()
+                section_seconds[name] = round(time.time() - t_section, 1)
     finally:
         for p in base.rglob("*"):  # a mode-000 file cannot stop the cleanup
             with contextlib.suppress(OSError):
@@ -409,26 +452,40 @@ def main(argv=None) -> int:
                     p.chmod(0o755 if p.is_dir() else 0o644)
         shutil.rmtree(base, ignore_errors=True)
     results["seconds"] = round(time.time() - t0, 1)
-    k, c, f = results["kills"], results["concurrency"], results["faults"]
-    must_be_zero = {"kills.corrupt_served": k["corrupt_served"], "kills.finished_lost": k["finished_lost"],
-                    "kills.temp_after_reopen": k["temp_after_reopen"],
-                    "concurrency.corrupt_served": c["corrupt_served"], "concurrency.corrupt_after": c["corrupt_after"],
-                    "concurrency.crashed_processes": c["crashed_processes"], **{f"faults.{n}": v for n, v in f["totals"].items()},
-                    "bad_inputs.not_clear": len(results["bad_inputs"]["raw_exception"]) + len(results["bad_inputs"]["silently_accepted"])}
+    results["section_seconds"] = section_seconds
+    k, c, f, b = (results.get(n) for n in ("kills", "concurrency", "faults", "bad_inputs"))
+    must_be_zero = {}
+    if k is not None:
+        must_be_zero.update({"kills.corrupt_served": k["corrupt_served"], "kills.finished_lost": k["finished_lost"],
+                             "kills.temp_after_reopen": k["temp_after_reopen"]})
+    if c is not None:
+        must_be_zero.update({"concurrency.corrupt_served": c["corrupt_served"],
+                             "concurrency.corrupt_after": c["corrupt_after"],
+                             "concurrency.crashed_processes": c["crashed_processes"]})
+    if f is not None:
+        must_be_zero.update({f"faults.{n}": v for n, v in f["totals"].items()})
+    if b is not None:
+        must_be_zero["bad_inputs.not_clear"] = len(b["raw_exception"]) + len(b["silently_accepted"])
     results["must_be_zero"] = must_be_zero
     print(f"{'section':<12} {'figures'}")
-    print(f"{'kills':<12} {k['kills']} SIGKILLs during {k['entry_mb']} MB puts, {k['puts_finished']} puts finished ({k['finished_entries']} keys), "
-          f"{k['entries_checked']} reads checked: corrupt served {k['corrupt_served']}, finished lost {k['finished_lost']}, "
-          f"kills mid-write (temp file left) {k['temp_left_by_kill']} -> after reopen {k['temp_after_reopen']}")
-    print(f"{'concurrency':<12} {c['writers']} writers + {c['readers']} readers for {c['seconds']} s: {c['writes']} writes, "
-          f"{c['reads']} reads ({c['hits']} hits): corrupt served {c['corrupt_served']}, corrupt after {c['corrupt_after']}")
-    for kind, row in f["faults"].items():
+    if k is not None:
+        print(f"{'kills':<12} {k['kills']} SIGKILLs during {k['entry_mb']} MB puts, {k['puts_finished']} puts finished "
+              f"({k['finished_entries']} keys), {k['entries_checked']} reads checked: corrupt served "
+              f"{k['corrupt_served']}, finished lost {k['finished_lost']}, kills mid-write (temp file left) "
+              f"{k['temp_left_by_kill']} -> after reopen {k['temp_after_reopen']}")
+    if c is not None:
+        print(f"{'concurrency':<12} {c['writers']} writers + {c['readers']} readers for {c['seconds']} s: {c['writes']} "
+              f"writes, {c['reads']} reads ({c['hits']} hits): corrupt served {c['corrupt_served']}, corrupt after "
+              f"{c['corrupt_after']}")
+    for kind, row in (f["faults"].items() if f is not None else ()):
         print(f"{'fault':<12} {kind:<32} crashes {len(row['crashes'])} hangs {len(row['hangs'])} bad served "
               f"{row['bad_served']} foreign touched {len(row['foreign_touched'])} refused {row['refused']!s:<5} "
               f"cli rc {row['cli_verify_rc']}/{row['cli_repair_rc']}")
         for line in row["crashes"] + row["hangs"] + row["foreign_touched"]:
             print(f"{'':<12}   ! {line}")
-    print(f"{'bad inputs':<12} {results['bad_inputs'] or 'hook not filled yet'}")
+    if b is not None:
+        print(f"{'bad inputs':<12} {b}")
+    print(f"{'seconds':<12} {section_seconds}")
     failed = {n: v for n, v in must_be_zero.items() if v}
     print(f"{'verdict':<12} {'OK: every must-be-zero figure is 0' if not failed else f'FAIL: {failed}'} ({results['seconds']} s)")
     print(json.dumps(results, indent=2, default=str))
