@@ -25,6 +25,7 @@ is its file's mtime, refreshed with ``os.utime`` on every hit, so LRU eviction n
 """
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import stat
@@ -243,14 +244,21 @@ class DiskStore:
         """Write ``chunk`` atomically under ``key`` (replacing any previous entry); returns bytes written.
 
         A :class:`~kvboost_rag.errors.StoreError` if the entry's place holds something the store
-        never writes (a directory, FIFO, symlink: it is not replaced); OSError if the write fails
-        (disk full, read-only store)."""
+        never writes (a directory, FIFO, symlink: it is not replaced) or the store is read-only for
+        this process (readers still get every entry); OSError if the write fails otherwise (disk
+        full: ``ENOSPC`` / ``EFBIG``)."""
         path = self.path_for(key)
         squatter = _squatter(path)
         if squatter is not None:
             raise StoreError(f"cannot store {key}: {squatter}")
         data = _serialize(chunk, self.kv_bits)
-        self._atomic_write(path, data)
+        try:
+            self._atomic_write(path, data)
+        except OSError as exc:
+            if isinstance(exc, PermissionError) or exc.errno == errno.EROFS:
+                raise StoreError(f"cannot store {key}: the store {self.root} is read-only for this process "
+                                 f"({exc.strerror}); readers can still use its entries") from exc
+            raise
         with self._lock:
             self.bytes_written += len(data)
             if key in self.corrupt_keys:
