@@ -103,3 +103,27 @@ def test_a_rescan_reads_only_new_entries_in_changed_folders(tmp_path, monkeypatc
     r = a.generate("Q: " + DOCS[0] + "\n" + DOCS[3], max_new_tokens=1)
     assert r.extra["documents_reused"] == 2
     assert reads == [a.key_for_text(DOCS[3]) + ".safetensors"]  # headers read: the new entry's only
+
+
+def test_engine_start_up_reads_entry_headers_only(tmp_path, monkeypatch):
+    from kvboost_rag.store import disk as disk_module
+    from kvboost_rag.store import safe_files
+
+    writer = tiny_engine("llama", store=DiskStore(tmp_path), write_behind=False)
+    writer.warm(DOCS)
+    reads = []
+    real = safe_files._read_entry
+
+    def counting(path, *, whole):
+        reads.append(whole)
+        return real(path, whole=whole)
+
+    monkeypatch.setattr(disk_module, "_read_entry", counting)
+    fresh = KVBoostEngine(writer.model, writer.tokenizer, store=TieredStore(MemoryStore(), DiskStore(tmp_path)),
+                          write_behind=False)
+    assert reads == [False] * len(DOCS)  # one header per entry (its text, for detection), no tensors
+    assert len(fresh.detector) == len(DOCS)
+    reads.clear()
+    time.sleep(fresh._store_watch.interval_s)
+    fresh.generate("Q: " + DOCS[1], max_new_tokens=1)
+    assert reads.count(False) == 0  # nothing changed: the store watch read no header again
