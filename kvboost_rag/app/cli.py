@@ -92,8 +92,10 @@ RATIO = _checked(lambda v, t: v.ratio("recompute ratio", _number(t)), "a number 
 
 
 def _add_store_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--store", metavar="DIR", default=None,
-                   help="store directory (default: $KVBOOST_RAG_HOME/store or ~/.cache/kvboost_rag/store)")
+    p.add_argument("--store", metavar="DIR|URL", default=None,
+                   help="store directory (default: $KVBOOST_RAG_HOME/store or ~/.cache/kvboost_rag/store), or an "
+                        "object store shared by several machines: s3://bucket/prefix (credentials and endpoint "
+                        "from AWS_* variables; a local disk cache in front)")
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
@@ -199,9 +201,20 @@ def _add_plugin_commands(sub) -> None:
 
 # ----------------------------------------------------------------- commands
 def _disk_store(args, kv_bits: int = 16, max_bytes: Optional[int] = None):
+    """The --store directory's DiskStore, or for a URL the object store behind its local tiers."""
+    from kvboost_rag.store.object_store import is_store_url
+
+    if is_store_url(args.store):
+        from kvboost_rag.store.tiered import open_store
+
+        return open_store(args.store, kv_bits=kv_bits, max_bytes=max_bytes)
     from kvboost_rag.store.disk import DiskStore
 
     return DiskStore(args.store, kv_bits=kv_bits, max_bytes=max_bytes)
+
+
+def _store_name(store) -> str:
+    return str(getattr(store, "url", None) or store.root)
 
 
 def _context_arg(args):
@@ -226,7 +239,7 @@ def cmd_warm(args) -> int:
         return 1
     store = _disk_store(args, args.kv_bits, args.max_bytes)
     engine_kwargs = {"device": args.device, "dtype": args.dtype}
-    print(f"store: {store.root} (kv_bits={store.kv_bits})", file=sys.stderr)
+    print(f"store: {_store_name(store)} (kv_bits={store.kv_bits})", file=sys.stderr)
     if args.backend == "ray":
         model = args.model  # each actor loads it (None: the default model)
     else:
@@ -289,7 +302,7 @@ def _human(n: float) -> str:
 
 def cmd_inspect(args) -> int:
     store = _disk_store(args)
-    if not store.root.is_dir():
+    if getattr(store, "url", None) is None and not store.root.is_dir():
         print(f"error: no store at {store.root}", file=sys.stderr)
         return 1
     files = len(store)
@@ -308,7 +321,7 @@ def cmd_inspect(args) -> int:
         m["encoding"].add(info.encoding_version)
         m["with_context"] += info.encoding == "context"
     summary = {
-        "store": str(store.root),
+        "store": _store_name(store),
         "entries": entries,
         "bytes": total,
         "unreadable": files - entries,
@@ -376,7 +389,9 @@ def cmd_ask(args) -> int:
         from kvboost_rag.errors import EmptyInputError
 
         raise EmptyInputError("the prompt is empty; give the prompt as PROMPT, or '-' to read it from stdin")
-    store = TieredStore(MemoryStore(), _disk_store(args))
+    store = _disk_store(args)
+    if not isinstance(store, TieredStore):  # an object store comes with its memory tier
+        store = TieredStore(MemoryStore(), store)
     engine = KVBoostEngine.from_pretrained(args.model, store=store, device=args.device, dtype=args.dtype)
     if docs:
         parts = [Segment.document(d) for d in docs] + [question]

@@ -12,7 +12,8 @@ prompt with those documents has, which query-time recompute alone cannot restore
 
 ``backend="ray"`` spreads the encoding over a Ray Data actor pool; each actor loads the model
 itself and writes into the same :class:`~kvboost_rag.store.disk.DiskStore` directory (safe:
-atomic renames), returning only manifest rows to the driver. The driver picks every document's
+atomic renames) or the same object store (``s3://...``: one PUT per entry), returning only manifest
+rows to the driver. The driver picks every document's
 neighbours (embeddings only, no model) and ships their texts with the document.
 """
 from __future__ import annotations
@@ -81,7 +82,8 @@ def warm_corpus(
     engine_or_model: a :class:`~kvboost_rag.engine.KVBoostEngine`, a model path / HF id, None (the
         default model), or a picklable factory returning an engine or ``(model, tokenizer)``.
         ``backend="ray"`` needs a path/id or factory, since each actor loads its own copy.
-    store: where entries go; default ``engine.store`` (local) or the default
+    store: where entries go: a store, a directory or an object-store URL (``s3://bucket/prefix``,
+        shared by every worker); default ``engine.store`` (local) or the default
         :class:`~kvboost_rag.store.disk.DiskStore` directory (ray).
     render: callable giving the exact text a chain will insert (see :mod:`kvboost_rag.index.sources`).
     batch_size / max_batch_tokens: documents per ``encode_batch`` call, optionally capped so that
@@ -110,6 +112,7 @@ def warm_corpus(
 
     t_load = time.perf_counter()
     report = WarmReport(backend="local")
+    store = _open_store_arg(store)  # "s3://bucket/prefix" or a directory: opened once, here
     engine = build_engine(engine_or_model, store=store, **(engine_kwargs or {}))
     store = store if store is not None else engine.store
     report.load_seconds = time.perf_counter() - t_load  # throughput excludes loading the model
@@ -121,18 +124,47 @@ def warm_corpus(
 
 # -------------------------------------------------------------------- ray
 def _store_spec(store: Any) -> Dict[str, Any]:
-    """Picklable description of a disk store that every actor can reopen."""
+    """Picklable description of a store that every actor can reopen (:func:`_open_spec`): a disk
+    store's directory, or an object store's URL and options (each actor opens its own local tiers)."""
     from kvboost_rag.store.disk import DiskStore, TieredStore
+    from kvboost_rag.store.object_store import is_store_url
 
+    if isinstance(store, (str, os.PathLike)):
+        store = _open_store_arg(store)
+    spec = getattr(store, "spec", None)
+    if callable(spec) and is_store_url(getattr(store, "url", None)):
+        return {"object": spec()}
     disk = store.disk if isinstance(store, TieredStore) else store
     if disk is None:
         disk = DiskStore()
     if not isinstance(disk, DiskStore):
         raise InvalidConfigError(
-            "backend='ray' writes from several processes, so it needs a DiskStore (or TieredStore), "
-            f"not {type(store).__name__}"
+            "backend='ray' writes from several processes, so it needs a DiskStore (or TieredStore) or an "
+            f"object store (s3://...), not {type(store).__name__}"
         )
     return {"root": str(disk.root), "kv_bits": disk.kv_bits, "fsync": disk.fsync, "max_bytes": disk.max_bytes}
+
+
+def _open_spec(spec: Dict[str, Any]) -> Any:
+    """The store a :func:`_store_spec` describes."""
+    if "object" in spec:
+        from kvboost_rag.store.object_cache import open_object_store
+        from kvboost_rag.store.object_store import ObjectStore
+
+        options = dict(spec["object"])
+        return open_object_store(**options) if "cache_dir" in options else ObjectStore(**options)
+    from kvboost_rag.store.disk import DiskStore
+
+    return DiskStore(spec["root"], kv_bits=spec["kv_bits"], fsync=spec["fsync"], max_bytes=spec["max_bytes"])
+
+
+def _open_store_arg(store: Any) -> Any:
+    """A store given by name (a directory or an object-store URL) opened with its tiers."""
+    if isinstance(store, (str, os.PathLike)):
+        from kvboost_rag.store.tiered import open_store
+
+        return open_store(os.fspath(store))
+    return store
 
 
 class _RayWarmWorker:
@@ -141,10 +173,7 @@ class _RayWarmWorker:
     def __init__(self, model_spec: Any, store_spec: Dict[str, Any], engine_kwargs: Dict[str, Any],
                  verify_existing: bool, max_batch_tokens: Optional[int], batch_size: int,
                  context: Optional[ContextConfig] = None) -> None:
-        from kvboost_rag.store.disk import DiskStore
-
-        self.store = DiskStore(store_spec["root"], kv_bits=store_spec["kv_bits"], fsync=store_spec["fsync"],
-                               max_bytes=store_spec["max_bytes"])
+        self.store = _open_spec(store_spec)
         self.engine = build_engine(model_spec, store=self.store, **engine_kwargs)
         self.verify_existing = verify_existing
         self.max_batch_tokens = max_batch_tokens

@@ -11,6 +11,7 @@ import os
 from pathlib import Path
 from typing import Iterator, Optional, Tuple, Union
 
+from kvboost_rag.errors import InvalidConfigError
 from kvboost_rag.kv.chunk import KVChunk
 from kvboost_rag.store.disk import DiskStore
 from kvboost_rag.store.memory import MemoryStore
@@ -75,7 +76,21 @@ def open_store(
     kv_bits: int = 16,
     max_bytes: Optional[int] = None,
     memory_bytes: Optional[int] = 1 << 30,
+    **object_options,
 ) -> TieredStore:
     """A :class:`TieredStore` over ``path`` (default directory if None): the usual way to get a
-    persistent store for an engine, e.g. ``KVBoostEngine.from_pretrained(store=open_store())``."""
+    persistent store for an engine, e.g. ``KVBoostEngine.from_pretrained(store=open_store())``.
+
+    An object-store URL (``s3://bucket/prefix``, also ``gs://``, ``az://``) gives memory -> local disk
+    cache -> object store (:func:`~kvboost_rag.store.object_cache.open_object_store`, which takes
+    ``object_options``: ``cache_dir``, ``cache_bytes``, timeouts, retries)."""
+    from kvboost_rag.store.object_store import is_store_url
+
+    if is_store_url(path):
+        from kvboost_rag.store.object_cache import open_object_store
+
+        return open_object_store(str(path), kv_bits=kv_bits, max_bytes=max_bytes, memory_bytes=memory_bytes,
+                                 **object_options)
+    if object_options:
+        raise InvalidConfigError(f"{', '.join(object_options)}: options of an object-store URL, not of a directory")
     return TieredStore(MemoryStore(memory_bytes), DiskStore(path, max_bytes=max_bytes, kv_bits=kv_bits))
