@@ -201,6 +201,17 @@ class KVBoostEngine:
         with self._lock:
             return self.encoder.encode(docs_ids, texts, pad_id=pad, contexts=contexts)
 
+    def encode_after(self, text: str, neighbours: Sequence[KVChunk]) -> KVChunk:
+        """Encode one document after its neighbours' stored KV (no store writes; see
+        :meth:`~kvboost_rag.index.encoder.ChunkEncoder.encode_after`)."""
+        ids = self.tokenize_document(text)
+        n_ctx = sum(c.num_tokens for c in neighbours)
+        if len(self.preamble_ids) + n_ctx + len(ids) > self.context_window:
+            raise ContextWindowError(f"A document of {len(ids)} tokens after {n_ctx} context tokens does not fit "
+                                     f"the context window ({self.context_window}).")
+        with self._lock:
+            return self.encoder.encode_after(ids, text, neighbours, self.rotator)
+
     def register_text(self, text: str) -> None:
         """Make a stored document detectable inside flat prompts."""
         self.detector.register(text)

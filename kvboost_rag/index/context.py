@@ -23,6 +23,7 @@ from kvboost_rag.errors import InvalidConfigError
 from kvboost_rag.kv.keys import ENCODING_VERSION
 
 ORDERS = ("nearest_last", "nearest_first")
+NEIGHBOUR_KV = ("computed", "stored")
 CONTEXT, ISOLATED = ENCODINGS
 
 Embedder = Callable[[Sequence[str]], Any]
@@ -49,12 +50,18 @@ class ContextConfig:
     order: ``"nearest_last"`` puts the most similar neighbour right before the document,
         ``"nearest_first"`` puts it first.
     embedder: where the vectors come from (see the module docstring); None = packaged MiniLM.
+    neighbour_kv: ``"computed"``: the context runs through the model with the document (exact
+        cross-document attention; the warm computes every context token); ``"stored"``: the
+        neighbours' own isolated entries (encoded first where missing) are placed before the
+        document and only the document's tokens are computed (a warm about as cheap as an
+        isolated one; the neighbours' KV is an approximation).
     """
 
     neighbours: int = 3
     max_tokens: Optional[int] = None
     order: str = "nearest_last"
     embedder: Any = None
+    neighbour_kv: str = "computed"
 
     def __post_init__(self) -> None:
         if isinstance(self.neighbours, bool) or not isinstance(self.neighbours, int) or self.neighbours < 0:
@@ -64,6 +71,8 @@ class ContextConfig:
             raise InvalidConfigError(f"max_tokens must be an int >= 1 or None, got {self.max_tokens!r}")
         if self.order not in ORDERS:
             raise InvalidConfigError(f"order must be one of {ORDERS}, got {self.order!r}")
+        if self.neighbour_kv not in NEIGHBOUR_KV:
+            raise InvalidConfigError(f"neighbour_kv must be one of {NEIGHBOUR_KV}, got {self.neighbour_kv!r}")
         if self.embedder is not None and as_embedder(self.embedder) is None:
             raise InvalidConfigError(
                 f"embedder must be a callable texts -> vectors, a LangChain Embeddings / VectorStore or a "

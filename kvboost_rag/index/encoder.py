@@ -83,3 +83,40 @@ class ChunkEncoder:
                 meta={"encoding_version": self.encoding_version},
             ))
         return chunks
+
+    @torch.inference_mode()
+    def encode_after(self, ids: Sequence[int], text: str | None, neighbours: Sequence[KVChunk], rotator) -> KVChunk:
+        """One document encoded after its neighbours' *stored* KV (each re-rotated to where it sits
+        in the context, after the preamble): only the document's own tokens run through the model,
+        so the cost is an isolated encoding's plus attention over the longer prefix. The neighbours'
+        KV is their isolated encoding, an approximation of what a full forward of the context gives."""
+        cache = DynamicCache(config=self.model.config)
+        start = len(self.preamble_ids)
+        pieces = []
+        pos = start
+        for chunk in neighbours:
+            pieces.append((chunk, pos))
+            pos += chunk.num_tokens
+        preamble = self._preamble() if start else None
+        dtype = next(self.model.parameters()).dtype
+        for layer_idx in range(len(self.model.model.layers)):
+            ks, vs = ([preamble[layer_idx][0][0]], [preamble[layer_idx][1][0]]) if preamble else ([], [])
+            for chunk, at in pieces:
+                k = chunk.keys[layer_idx].to(device=self.device, dtype=dtype)
+                rotated = torch.empty_like(k)
+                rotator.rotate_into(rotated, k, at - chunk.start)
+                ks.append(rotated)
+                vs.append(chunk.values[layer_idx].to(device=self.device, dtype=dtype))
+            if ks:
+                cache.update(torch.cat(ks, dim=1).unsqueeze(0), torch.cat(vs, dim=1).unsqueeze(0), layer_idx)
+        n = len(ids)
+        input_ids = torch.tensor([list(ids)], dtype=torch.long, device=self.device)
+        position_ids = torch.arange(pos, pos + n, device=self.device).unsqueeze(0)
+        out = self.model(input_ids=input_ids, position_ids=position_ids, **cache_kwargs(cache),
+                         use_cache=True, logits_to_keep=1)
+        layers = output_cache(out).layers
+        return KVChunk(
+            keys=torch.stack([layer.keys[0, :, pos:pos + n] for layer in layers]).to("cpu").contiguous(),
+            values=torch.stack([layer.values[0, :, pos:pos + n] for layer in layers]).to("cpu").contiguous(),
+            start=pos, token_ids=tuple(int(t) for t in ids), fingerprint=self.fingerprint, text=text,
+            meta={"encoding_version": self.encoding_version})

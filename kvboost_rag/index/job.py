@@ -60,7 +60,9 @@ class WarmReport:
     load_seconds: float = 0.0  # building the engine / loading the model (local backend), not in ``seconds``
     encoding: str = "isolated"
     context_encoded: int = 0  # documents encoded after a context of related documents
-    context_tokens: int = 0   # context tokens those encodings ran through the model beyond the documents
+    context_tokens: int = 0   # context tokens those encodings attended to (computed unless neighbour_kv="stored")
+    isolated_encoded: int = 0  # neighbour_kv="stored": isolated entries written first (their tokens: isolated_tokens)
+    isolated_tokens: int = 0
     store_errors: int = 0     # failed documents the store refused to write (in ``failed`` with the reason)
 
     @property
@@ -197,12 +199,19 @@ def batches(pending: List[Tuple[CorpusDoc, List[int], str]], batch_size: int, ma
 
 
 def encode_and_store(engine: Any, store: Any, batch: Sequence[Tuple[CorpusDoc, List[int], str]], register: bool,
-                     contexts: Optional[Dict[str, Tuple[List[int], List[str]]]] = None) -> List[Dict[str, Any]]:
+                     contexts: Optional[Dict[str, Tuple[List[int], List[str]]]] = None,
+                     neighbours_from: Optional[str] = None) -> List[Dict[str, Any]]:
     """Encode one batch and write every entry at once; on failure retry documents one by one.
-    ``contexts`` maps a document's key to (context token ids, the context documents' keys)."""
+    ``contexts`` maps a document's key to (context token ids, the context documents' keys);
+    ``neighbours_from`` (an order, see :class:`ContextConfig`) places the context documents' stored
+    isolated KV before each document instead of computing the context."""
     contexts = contexts or {}
     try:
-        if contexts:
+        if neighbours_from is not None:  # the neighbours' stored KV stands in for the context
+            chunks = [engine.encode_after(doc.text, _stored_neighbours(store, engine, contexts.get(key, ([], []))[1],
+                                                                       neighbours_from))
+                      for doc, _, key in batch]
+        elif contexts:
             chunks = engine.encode_batch([doc.text for doc, _, _ in batch],
                                          contexts=[contexts.get(key, ([], []))[0] for _, _, key in batch])
         else:
@@ -217,7 +226,7 @@ def encode_and_store(engine: Any, store: Any, batch: Sequence[Tuple[CorpusDoc, L
             return [_row(doc, FAILED, key, len(ids), reason=f"encoding failed: {type(exc).__name__}: {exc}")]
         rows = []
         for item in batch:
-            rows.extend(encode_and_store(engine, store, [item], register, contexts))
+            rows.extend(encode_and_store(engine, store, [item], register, contexts, neighbours_from))
         return rows
     rows = []
     for (doc, ids, key), chunk in zip(batch, chunks):
@@ -258,6 +267,18 @@ def store_failure(exc: BaseException) -> str:
     if code in (errno.EACCES, errno.EPERM, errno.EROFS):
         return f"store write failed: {exc.strerror or exc}{where}; the store is read-only for this process"
     return f"store write failed: {type(exc).__name__}: {exc}"
+
+
+def _stored_neighbours(store: Any, engine: Any, keys: Sequence[str], order: str) -> list:
+    """The stored isolated chunks of the context documents ``keys`` (most similar first), in the
+    order they sit in the context; a missing one is an error (they are warmed first)."""
+    chunks = []
+    for key in keys:
+        chunk = store.get(key, engine.fingerprint)
+        if chunk is None:
+            raise RuntimeError(f"the isolated entry of context document {key[:12]} is missing")
+        chunks.append(chunk)
+    return chunks[::-1] if order == "nearest_last" else chunks
 
 
 def interrupted(exc: KeyboardInterrupt, report: "WarmReport", t0: float) -> KeyboardInterrupt:
@@ -329,6 +350,11 @@ def index_documents(engine: Any, docs: Sequence[CorpusDoc], store: Any = None, *
     try:
         report.documents = len(docs)
         encoding = CONTEXT if context is not None and context.neighbours > 0 else ISOLATED
+        stored_kv = encoding == CONTEXT and context.neighbour_kv == "stored"
+        if stored_kv:  # the neighbours' isolated entries first: their KV is the context
+            first = index_documents(engine, docs, store, batch_size=batch_size, max_batch_tokens=max_batch_tokens,
+                                    verify_existing=verify_existing, register=False, progress=progress)
+            report.isolated_encoded, report.isolated_tokens = first.encoded, first.tokens
         report.encoding = encoding
         corpus: List[Tuple[CorpusDoc, List[int]]] = []
         pending, rows = plan(engine, store, docs, set(), verify_existing, register, encoding, corpus)
@@ -338,8 +364,9 @@ def index_documents(engine: Any, docs: Sequence[CorpusDoc], store: Any = None, *
         total_tokens = sum(len(ids) + len(contexts.get(key, ((), ()))[0]) for _, ids, key in pending)
         bar = tqdm(total=total_tokens, unit="tok", unit_scale=True, desc="warm", disable=not progress, dynamic_ncols=True)
         done_docs = 0
-        for batch in batches(pending, batch_size, max_batch_tokens, contexts):
-            batch_rows = encode_and_store(engine, store, batch, register, contexts)
+        for batch in batches(pending, 1 if stored_kv else batch_size, max_batch_tokens, contexts):
+            batch_rows = encode_and_store(engine, store, batch, register, contexts,
+                                          context.order if stored_kv else None)
             for row in batch_rows:
                 report._add_row(row)
             done_docs += len(batch)

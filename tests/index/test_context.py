@@ -216,3 +216,31 @@ def test_inspect_shows_context_entries_and_verify_names_a_forged_context(tmp_pat
     out = capsys.readouterr().out
     assert engine.key_for_text(DOCS[1]) in out and "context" in out
     assert store.get(engine.key_for_text(DOCS[1]), engine.fingerprint) is None  # a miss, never served
+
+
+def test_stored_neighbour_kv_with_one_neighbour_equals_computing_it(engine):
+    """With one neighbour, its isolated entry sits exactly where it was encoded (right after the
+    preamble), so placing its stored KV before the document gives the computed context's KV."""
+    computed = engine.warm(DOCS, context=ContextConfig(neighbours=1, embedder=topic_embedder))
+    exact = {t: engine.store.get(engine.key_for_text(t, "context"), engine.fingerprint) for t in DOCS}
+    other = tiny_engine("llama", store=MemoryStore())
+    report = other.warm(DOCS, context=ContextConfig(neighbours=1, embedder=topic_embedder, neighbour_kv="stored"))
+    assert report.isolated_encoded == 4 and report.context_encoded == 4
+    assert report.context_tokens == computed.context_tokens
+    for t in DOCS:
+        got = other.store.get(other.key_for_text(t, "context"), other.fingerprint)
+        assert got.start == exact[t].start and got.meta["context"] == exact[t].meta["context"]
+        torch.testing.assert_close(got.keys, exact[t].keys, atol=1e-4, rtol=1e-3)
+        torch.testing.assert_close(got.values, exact[t].values, atol=1e-4, rtol=1e-3)
+    assert other.store.get(other.key_for_text(DOCS[0]), other.fingerprint) is not None  # isolated kept too
+
+
+def test_stored_neighbour_kv_with_two_neighbours_is_placed_in_order(engine):
+    report = engine.warm(DOCS, context=ContextConfig(neighbours=2, embedder=topic_embedder, neighbour_kv="stored"))
+    chunk = engine.store.get(engine.key_for_text(DOCS[0], "context"), engine.fingerprint)
+    near = nearest_neighbours(DOCS, 2, topic_embedder)[0]
+    assert chunk.meta["context"] == ",".join(engine.key_for_text(DOCS[j]) for j in near)
+    assert chunk.start == len(engine.preamble_ids) + sum(len(engine.tokenize_document(DOCS[j])) for j in near)
+    assert report.context_encoded == 4
+    with pytest.raises(InvalidConfigError, match="neighbour_kv"):
+        ContextConfig(neighbour_kv="cached")
