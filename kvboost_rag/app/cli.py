@@ -149,6 +149,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="neighbours each document is encoded after (default: 3)")
     w.add_argument("--context-tokens", type=POSITIVE_INT, default=None, metavar="N",
                    help="most context tokens per document; the farthest neighbours are dropped first")
+    w.add_argument("--context-kv", choices=("computed", "stored"), default="computed",
+                   help="computed: run each document's context through the model with it; stored: place "
+                        "the neighbours' stored isolated KV before it (about the cost of an isolated warm) "
+                        "(default: computed)")
     w.add_argument("--json", metavar="FILE", default=None, help="also write the report as JSON to FILE ('-': stdout)")
     w.add_argument("--no-progress", action="store_true", help="no progress bar")
     w.set_defaults(func=cmd_warm)
@@ -223,7 +227,7 @@ def _context_arg(args):
         return None
     from kvboost_rag.index.context import ContextConfig
 
-    return ContextConfig(neighbours=args.context_docs, max_tokens=args.context_tokens)
+    return ContextConfig(neighbours=args.context_docs, max_tokens=args.context_tokens, neighbour_kv=args.context_kv)
 
 
 def cmd_warm(args) -> int:
