@@ -49,6 +49,7 @@ import contextlib
 import dataclasses
 import importlib.util
 import inspect
+import json
 import os
 import platform
 import random
@@ -667,8 +668,11 @@ def answer_in_context(engine, answer_text: str, retrieved: Sequence[tuple]) -> t
 
 
 def _run_queries(bench: "Bench", engine, queries: Sequence, methods: Sequence[Method], by_id: dict, k: int,
-                 quiet: bool, label: str, prompts: Optional[Sequence] = None) -> list[dict]:
-    """Every method on every query (interleaved per prompt); one per-query row each."""
+                 quiet: bool, label: str, prompts: Optional[Sequence] = None,
+                 partial: Optional[str] = None) -> list[dict]:
+    """Every method on every query (interleaved per prompt); one per-query row each. ``partial``:
+    a JSONL file each row is appended to as soon as it is measured (a long run stopped early
+    keeps what it measured)."""
     per_query = []
     for i, q in enumerate(queries):
         t0 = time.perf_counter()
@@ -680,6 +684,9 @@ def _run_queries(bench: "Bench", engine, queries: Sequence, methods: Sequence[Me
                           "hops": (q.meta or {}).get("hops"), "doc_ids": q.doc_ids[:k],
                           "context_tokens": res["full"]["prompt_tokens"],
                           "full_answer": full_text, "methods": res})
+        if partial:
+            with open(partial, "a") as f:
+                f.write(json.dumps({"set": label, **_strip_ids(per_query[-1])}, default=str) + "\n")
         log(quiet, f"[bench] {label} {i + 1}/{len(queries)} ({res['full']['prompt_tokens']} tokens) "
                    f"in {time.perf_counter() - t0:.1f}s: full {res['full']['ttft_s']:.3f}s, "
                    + ", ".join(f"{n} {v['ttft_s']:.3f}s" for n, v in res.items() if n != "full"))
@@ -745,13 +752,15 @@ def run_bench(args, *, engine=None) -> dict:
                    for q in queries]
         for _ in range(args.warmup):          # discarded warm-up round(s)
             bench.run_query(prompts[0], methods, gold=None)
-        per_query = _run_queries(bench, engine, queries, methods, by_id, args.k, args.quiet, "query", prompts)
+        partial = f"{args.json}.partial.jsonl" if getattr(args, "json", None) else None
+        per_query = _run_queries(bench, engine, queries, methods, by_id, args.k, args.quiet, "query", prompts, partial)
 
         # the faithfulness guard: answers only (no teacher-forced pass)
         answers_only = Bench(engine, answer_tokens=args.answer_tokens, repeats=1, fidelity=False, quiet=args.quiet)
         leakage = None
         if guard["leakage"]:
-            rows = _run_queries(answers_only, engine, guard["leakage"], methods, by_id, args.k, args.quiet, "leakage")
+            rows = _run_queries(answers_only, engine, guard["leakage"], methods, by_id, args.k, args.quiet, "leakage",
+                                partial=partial)
             for row, q in zip(rows, guard["leakage"]):
                 row["answer_doc"], row["replacement"] = q.meta["answer_doc"], q.meta["replacement"]
                 flag, holders = (answer_in_context(engine, by_id[q.meta["answer_doc"]].text,
@@ -766,7 +775,7 @@ def run_bench(args, *, engine=None) -> dict:
         distractors = None
         if guard["random_distractors"]:
             rows = _run_queries(answers_only, engine, guard["random_distractors"], methods, by_id, args.k,
-                                args.quiet, "random distractors")
+                                args.quiet, "random distractors", partial=partial)
             for row, q in zip(rows, guard["random_distractors"]):
                 row["needed"] = q.meta["needed"]
             distractors = {"n_questions": len(rows), "methods": summarize_distractors(rows, methods),

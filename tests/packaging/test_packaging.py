@@ -63,7 +63,7 @@ def test_core_wheel_ships_no_integration(wheels):
     assert meta["Name"] == "kvboost-rag" and meta["Version"] == "0.1.0"
     requires = meta.get_all("Requires-Dist")
     assert not any(r.startswith(("langchain-kvboost", "llama-index-llms-kvboost")) for r in requires)
-    assert "kvboost_rag/integration.py" in names
+    assert "kvboost_rag/frameworks/options.py" in names
 
 
 def test_langchain_wheel(wheels):
