@@ -5,15 +5,14 @@ Each call is checked once, where it enters, into one :class:`~kvboost_rag.serve.
 runs with). It runs in the caller's thread or batched with others (:mod:`kvboost_rag.serve`), which
 reach back only through the :class:`~kvboost_rag.serve.request.Runner` the engine hands them.
 Query path (:meth:`KVBoostEngine._prefill`): :mod:`~kvboost_rag.prompt.segments` (token ids) ->
-:mod:`~kvboost_rag.prefill.assemble` (stored chunks re-rotated, cached prefix) -> :mod:`~kvboost_rag.blend`
-(selective recompute) -> :mod:`~kvboost_rag.prefill.forward` (first token) -> :mod:`~kvboost_rag.decode.loop`.
+:mod:`~kvboost_rag.prefill.reuse` (stored chunks fetched and checked) -> :mod:`~kvboost_rag.prefill.assemble`
+(re-rotated, cached prefix) -> :mod:`~kvboost_rag.blend` (selective recompute) ->
+:mod:`~kvboost_rag.prefill.forward` (first token) -> :mod:`~kvboost_rag.decode.loop`.
 The engine holds what those share (model, store, config), the lock and the clock; it does no
 model math itself. Design: docs/architecture.md.
 """
 from __future__ import annotations
 
-import dataclasses
-import functools
 import os
 import threading
 from typing import Callable, Iterable, Optional, Sequence, Union
@@ -23,7 +22,7 @@ import torch
 from kvboost_rag import validate
 from kvboost_rag.config import STRATEGIES, EngineConfig
 from kvboost_rag.decode.loop import GenerationResult, eos_token_ids, now, teacher_forced_logits
-from kvboost_rag.errors import ContextWindowError, EmptyInputError, InvalidConfigError, InvalidInputError
+from kvboost_rag.errors import ContextWindowError, EmptyInputError, InvalidInputError
 from kvboost_rag.index.context import ISOLATED, context_config, encoding_version
 from kvboost_rag.index.encoder import ChunkEncoder
 from kvboost_rag.index.job import index_documents
@@ -35,14 +34,15 @@ from kvboost_rag.kv.keys import ENCODING_VERSION, chunk_key
 from kvboost_rag.kv.rope import RopeRotator
 from kvboost_rag.models.adapters import adapter_for
 from kvboost_rag.models.loading import check_architecture, load_model_and_tokenizer, model_fingerprint
-from kvboost_rag.phases import phase
-from kvboost_rag.prefill.assemble import EntryCheck, ModelShape, PrefixCache, fetch_documents
-from kvboost_rag.prefill.forward import Prefill, PrefillStats, as_cache, blended_prefill, check_stop, full_prefill
+from kvboost_rag.prefill.assemble import PrefixCache
+from kvboost_rag.prefill.forward import Prefill, PrefillStats, as_cache, full_prefill
+from kvboost_rag.prefill.reuse import model_entry_check, reuse_prefill
 from kvboost_rag.prompt.chat import render_chat, template_preamble
-from kvboost_rag.prompt.segments import (DocumentDetector, Prompt, Segment, TokenizedPrompt, check_prompt,
-                                         normalize_segments, tokenize_segments, tokenize_text)
+from kvboost_rag.prompt.documents import DocumentTexts
+from kvboost_rag.prompt.segments import (Prompt, Segment, TokenizedPrompt, check_prompt, normalize_segments,
+                                         tokenize_segments)
 from kvboost_rag.serve.ragged import supports as batching_supports
-from kvboost_rag.serve.request import GenerationRequest, Runner, build_result, sampling_params
+from kvboost_rag.serve.request import GenerationRequest, Runner, build_result, checked_request
 from kvboost_rag.serve.streaming import TokenStream, drain_all
 from kvboost_rag.store.memory import KVStore, MemoryStore
 from kvboost_rag.store.watch import StoreWatch
@@ -50,8 +50,6 @@ from kvboost_rag.store.watch import StoreWatch
 __all__ = ["KVBoostEngine", "EngineConfig", "Prefill", "PrefillStats", "STRATEGIES"]
 
 DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant. Answer the question using the documents provided."
-# Distinct document texts whose token ids an engine keeps (LRU); a miss only re-tokenizes.
-_TOKENIZED_DOCS_CACHE = 8192
 
 
 class KVBoostEngine:
@@ -76,21 +74,22 @@ class KVBoostEngine:
                              if self.config.prefix_cache_bytes else None)
         self.context_window = int(getattr(model.config, "max_position_embeddings", 2048))
         self.rotator = RopeRotator(self.adapter.inv_freq(model))
-        self.entry_check = self._entry_check()  # what a stored entry must look like to be used
-        self._tokenize_document = functools.lru_cache(maxsize=_TOKENIZED_DOCS_CACHE)(self._tokenize_uncached)
+        # what a stored entry must look like to be used (``engine.entry_check.rejected`` counts misses)
+        self.entry_check = model_entry_check(self.model, self.adapter, self.context_window)
+        self.documents = DocumentTexts(tokenizer)  # document token ids (cached) and the detector
+        self.detector = self.documents.detector
         self.preamble_text = (self.config.preamble if self.config.preamble is not None
                               else template_preamble(tokenizer, DEFAULT_SYSTEM_PROMPT))
         self.preamble_ids = tokenize_segments(tokenizer, [Segment("text", self.preamble_text)],
                                               self.tokenize_document).input_ids if self.preamble_text else []
         self.encoder = ChunkEncoder(model, self.preamble_ids, self.fingerprint, ENCODING_VERSION)
-        self.detector = DocumentDetector()
         self._lock = threading.RLock()
         self._runner = Runner(self.model, tokenizer, eos_token_ids(model, tokenizer), self._lock,
                               prefill=self._prefill, result=self._result)
         self._store_watch = StoreWatch(self.store)  # before the scan: later writes count as changes
         self.coretrieval = (CoRetrieval(coretrieval_path(self.store)) if self.config.learn_context else None)
         self.write_behind = WriteBehind(self)  # stores missing documents after answers (config.write_behind)
-        self._load_detector_from_store()
+        self.documents.register_entries(self._store_watch.load(self.fingerprint))
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -116,36 +115,10 @@ class KVBoostEngine:
         engine_kwargs.setdefault("model_name", name)
         return cls(hf_model, tokenizer, store=store, **engine_kwargs)
 
-    def _entry_check(self) -> EntryCheck:
-        """Shapes, window and layer-0 values of this model that a fetched entry must match
-        (:class:`~kvboost_rag.prefill.assemble.EntryCheck`; ``engine.entry_check.rejected`` counts misses)."""
-        layers = self.adapter.layers(self.model)
-        cfg = self.model.config
-        shape = ModelShape(layers=len(layers), kv_heads=int(getattr(cfg, "num_key_value_heads", None)
-                                                          or cfg.num_attention_heads),
-                           head_dim=int(layers[0].self_attn.head_dim), context_window=self.context_window)
-
-        def layer0_values(ids: Sequence[int]) -> torch.Tensor:
-            hidden = self.adapter.embed(self.model, torch.tensor(list(ids), device=self.device))
-            return self.adapter.project_values(layers[0], hidden)
-
-        return EntryCheck(shape, layer0_values)
-
     def _stored_key(self, chunk: KVChunk) -> str:
         """The store key a fetched chunk came from (its token ids under the encoding it records)."""
         return self.chunk_key(chunk.token_ids, chunk.meta.get("encoding", ISOLATED) if isinstance(chunk.meta, dict)
                               else ISOLATED)
-
-    def _load_detector_from_store(self) -> None:
-        for _key, text in self._store_watch.load(self.fingerprint):
-            self.detector.register(text)
-
-    def _refresh_detector(self) -> None:
-        """Register the texts of entries other processes (or engines) stored since the last look
-        (:meth:`~kvboost_rag.store.watch.StoreWatch.new_texts`: a few ``stat`` calls when nothing
-        changed, the headers of new entries when something did)."""
-        for _key, text in self._store_watch.new_texts(self.fingerprint):
-            self.detector.register(text)
 
     @property
     def device(self) -> torch.device:
@@ -163,16 +136,7 @@ class KVBoostEngine:
     # ------------------------------------------------------------------ index time
     def tokenize_document(self, text: str) -> list[int]:
         """The ids a document is encoded with and reused with (tokenized alone, no specials)."""
-        validate.text("a document", text)
-        if not text or not text.strip():
-            raise EmptyInputError("A document is empty; there is nothing to encode.")
-        return list(self._tokenize_document(text))
-
-    def _tokenize_uncached(self, text: str) -> tuple[int, ...]:
-        ids = tuple(tokenize_text(self.tokenizer, text))
-        if not ids:
-            raise EmptyInputError("A document tokenizes to no tokens.")
-        return ids
+        return self.documents.ids(text)
 
     def chunk_key(self, token_ids: Sequence[int], encoding: str = ISOLATED) -> str:
         """Store key of a document's ids encoded alone (``"isolated"``) or after a context of
@@ -214,7 +178,7 @@ class KVBoostEngine:
 
     def register_text(self, text: str) -> None:
         """Make a stored document detectable inside flat prompts."""
-        self.detector.register(text)
+        self.documents.register(text)
 
     def is_warm(self, text: str) -> bool:
         """Whether the store holds the document's KV under any key a prompt looks up."""
@@ -251,23 +215,10 @@ class KVBoostEngine:
         return render_chat(self.tokenizer, messages, add_generation_prompt, tools=tools)
 
     # ------------------------------------------------------------------ query time
-    def _request(self, prompt: Prompt, *, strategy: Optional[str] = None, recompute_ratio: Optional[float] = None,
-                 timeout: Optional[float] = None, **options) -> GenerationRequest:
-        """Check a call's arguments, once, into its request: ``options`` are SamplingParams fields; the
-        BlendConfig is the engine's with this call's ``recompute_ratio`` (checked whatever the
-        strategy), nothing recomputed for ``"reuse"``."""
-        params = sampling_params(options, also=("on_token",))
-        check_prompt(prompt)
-        timeout = validate.timeout(timeout)
-        strategy = strategy if strategy is not None else self.config.strategy
-        if not isinstance(strategy, str) or strategy not in STRATEGIES:
-            raise InvalidConfigError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
-        blend = self.config.blend
-        if recompute_ratio is not None:
-            blend = dataclasses.replace(blend, recompute_ratio=validate.ratio("recompute_ratio", recompute_ratio))
-        if strategy == "reuse":
-            blend = dataclasses.replace(blend, recompute_ratio=0.0, sink_tokens=0)
-        return GenerationRequest(prompt, params, strategy, blend, timeout=timeout)
+    def _request(self, prompt: Prompt, **options) -> GenerationRequest:
+        """A call's arguments checked, once, into its request (:func:`~kvboost_rag.serve.request.checked_request`,
+        with this engine's strategy and BlendConfig as the defaults)."""
+        return checked_request(prompt, self.config, options, also=("on_token",))
 
     def prefill(self, prompt: Prompt, strategy: Optional[str] = None, recompute_ratio: Optional[float] = None,
                 max_new_tokens: int = 0, should_stop: Optional[Callable[[], bool]] = None) -> Prefill:
@@ -287,8 +238,8 @@ class KVBoostEngine:
         n_new = request.params.max_new_tokens if reserve is None else reserve
         with self._lock:
             t0 = now(self.device)
-            if strategy != "full":
-                self._refresh_detector()  # documents another process warmed since the last prompt
+            if strategy != "full":  # documents another process warmed since the last prompt: a few stat calls
+                self.documents.register_entries(self._store_watch.new_texts(self.fingerprint))
             tokenized = self.tokenize(request.prompt)
             n = len(tokenized)
             if n + n_new > self.context_window:
@@ -296,21 +247,11 @@ class KVBoostEngine:
                     f"The prompt has {n} tokens and {n_new} more would be generated, but the model's "
                     f"context window is {self.context_window}; retrieve fewer or shorter documents.")
             input_ids = torch.tensor(tokenized.input_ids, device=self.device)
-            with phase("fetch"):
-                found = (fetch_documents(self.store, tokenized, self.lookup_keys, self.fingerprint, self.entry_check)
-                         if strategy != "full" else [])
-            check_stop(should_stop, "after fetching the stored documents")
-            prefix = result = None
-            if found:
-                prefix = self.prefix_cache.fetch(tokenized) if self.prefix_cache is not None else None
-                result = blended_prefill(self.model, self.adapter, input_ids, found, prefix, self.rotator, request.blend,
-                                         should_stop=should_stop)
-                if not bool(torch.isfinite(result.logits).all()):  # a NaN the fetch sample missed poisons every logit
-                    kept = self.entry_check.drop_non_finite(found, self._stored_key)
-                    if len(kept) < len(found):
-                        found = kept
-                        result = (blended_prefill(self.model, self.adapter, input_ids, found, prefix, self.rotator,
-                                                  request.blend, should_stop=should_stop) if found else None)
+            found, prefix, result = reuse_prefill(
+                self.model, self.adapter, input_ids, tokenized, store=self.store, keys_of=self.lookup_keys,
+                fingerprint=self.fingerprint, entry_check=self.entry_check, key_of=self._stored_key,
+                prefix_cache=self.prefix_cache, rotator=self.rotator, blend=request.blend, should_stop=should_stop,
+                reuse=strategy != "full")
             stats = PrefillStats(prompt_tokens=n, strategy=strategy, documents=len(tokenized.documents),
                                  documents_reused=len(found),
                                  recompute_ratio={"full": 1.0, "reuse": 0.0}.get(strategy, request.blend.recompute_ratio))

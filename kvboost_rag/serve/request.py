@@ -17,19 +17,21 @@ prefill of a request, the result builder) comes as a :class:`Runner`. Design: do
 """
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass, field, fields
 from typing import Any, Callable, Iterable, Iterator, Mapping, Optional
 
-from kvboost_rag.config import BlendConfig
+from kvboost_rag import validate
+from kvboost_rag.config import STRATEGIES, BlendConfig, EngineConfig
 from kvboost_rag.decode.constraints import parse_constrained
 from kvboost_rag.decode.loop import GenerationResult, SamplingParams, decode
-from kvboost_rag.errors import InvalidInputError
+from kvboost_rag.errors import InvalidConfigError, InvalidInputError
 from kvboost_rag.prefill.forward import Prefill
-from kvboost_rag.prompt.segments import Prompt
+from kvboost_rag.prompt.segments import Prompt, check_prompt
 
 __all__ = ["GenerationRequest", "Runner", "SAMPLING_OPTIONS", "REQUEST_OPTIONS", "GENERATION_OPTIONS",
-           "sampling_params", "build_result"]
+           "sampling_params", "checked_request", "build_result"]
 
 #: The generation options: the fields of :class:`SamplingParams`, in their order.
 SAMPLING_OPTIONS: tuple[str, ...] = tuple(f.name for f in fields(SamplingParams))
@@ -100,6 +102,29 @@ class GenerationRequest:
         """Keep the result and let go of the prompt's KV cache."""
         self.result, self.prefilled = result, None
         return result
+
+
+def checked_request(prompt: Prompt, defaults: EngineConfig, options: Mapping[str, Any], *,
+                    also: Iterable[str] = ()) -> GenerationRequest:
+    """A call's arguments checked, once, into its request. ``options``: the call's keywords, the
+    :data:`REQUEST_OPTIONS` (None: ``defaults``' strategy and BlendConfig) and SamplingParams fields
+    (``also``: the caller's own keywords, named when one is unknown). ``recompute_ratio`` goes into
+    the BlendConfig and is checked whatever the strategy; ``"reuse"`` recomputes nothing."""
+    options = dict(options)
+    strategy, ratio, timeout = (options.pop("strategy", None), options.pop("recompute_ratio", None),
+                                options.pop("timeout", None))
+    params = sampling_params(options, also=also)
+    check_prompt(prompt)
+    timeout = validate.timeout(timeout)
+    strategy = strategy if strategy is not None else defaults.strategy
+    if not isinstance(strategy, str) or strategy not in STRATEGIES:
+        raise InvalidConfigError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
+    blend = defaults.blend
+    if ratio is not None:
+        blend = dataclasses.replace(blend, recompute_ratio=validate.ratio("recompute_ratio", ratio))
+    if strategy == "reuse":
+        blend = dataclasses.replace(blend, recompute_ratio=0.0, sink_tokens=0)
+    return GenerationRequest(prompt, params, strategy, blend, timeout=timeout)
 
 
 def build_result(request: GenerationRequest, *, dtype: str) -> GenerationResult:

@@ -21,29 +21,28 @@ docs/store.md. Why it is safe to crash, to run two writers, and to read while wr
 ``contains`` reads only the header (and checks the file length against it, which catches
 truncation); ``get`` and :meth:`DiskStore.verify` check the checksum. An entry's last-used time
 is its file's mtime, refreshed with ``os.utime`` on every hit, so LRU eviction never rewrites one.
-``TieredStore`` and ``open_store`` (:mod:`kvboost_rag.store.tiered`) are importable from here too.
+Verification, stale temp files and eviction are :mod:`~kvboost_rag.store.disk_upkeep`. ``TieredStore``
+and ``open_store`` (:mod:`kvboost_rag.store.tiered`) are importable from here too.
 """
 from __future__ import annotations
 
 import errno
 import logging
 import os
-import stat
 import threading
 from pathlib import Path
 from typing import Container, Dict, Iterable, Iterator, List, Optional, Tuple, Union
-
-import torch
 
 from kvboost_rag import validate
 from kvboost_rag.errors import InvalidConfigError, InvalidInputError, StoreError
 from kvboost_rag.files import atomic_file, fsync_dir
 from kvboost_rag.kv.chunk import KVChunk
 from kvboost_rag.kv.quantize import check_bits
+from kvboost_rag.store.disk_upkeep import DiskUpkeep
 from kvboost_rag.store.entry_format import (FORMAT, MAX_HEADER_BYTES, SUFFIX, EntryInfo, _as_stored,
                                             _deserialize, _entry_info, _fields, _serialize, _to_chunk)
 from kvboost_rag.store.safe_files import (_KEY_RE, STALE_TEMP_AGE_S, _check_root, _entry_paths, _entry_paths_in,
-                                          _read_entry, _squatter, _stale_temp_files, _store_wrote, _temp_path)
+                                          _read_entry, _squatter, _store_wrote, _temp_path)
 
 __all__ = ["DiskStore", "TieredStore", "open_store", "EntryInfo", "FORMAT", "SUFFIX", "MAX_HEADER_BYTES",
            "STALE_TEMP_AGE_S", "default_store_dir", "fsync_dir"]
@@ -68,8 +67,10 @@ def default_store_dir() -> Path:
     return base / "store"
 
 
-class DiskStore:
-    """Persistent KV store in a local directory (see module docstring for the guarantees).
+class DiskStore(DiskUpkeep):
+    """Persistent KV store in a local directory (see module docstring for the guarantees; its
+    upkeep methods ``verify``, ``stale_temp_files``, ``remove_stale_temp_files`` are
+    :class:`~kvboost_rag.store.disk_upkeep.DiskUpkeep`'s).
 
     root: directory (created on demand); None -> :func:`default_store_dir`.
     max_bytes: disk budget; when exceeded after a write, least-recently-used entries (file mtime)
@@ -324,52 +325,6 @@ class DiskStore:
                 continue
             yield info
 
-    def verify(self, *, remove: bool = False) -> List[Tuple[str, str]]:
-        """Fully check every entry (parse + checksum + tensor shapes against ``num_tokens`` and the
-        token ids, ``start >= 0``, finite keys and values). Returns ``(key, reason)`` for each bad
-        one (a directory, FIFO or symlink in an entry's place included); with ``remove=True`` also
-        deletes those the store wrote, so they get recomputed. It does not know the model: whether
-        an entry fits one (layers, heads, context window) is checked when it is fetched."""
-        bad = []
-        for path in list(self._iter_paths()):
-            key = path.name[: -len(SUFFIX)]
-            try:
-                st = os.lstat(path)
-                chunk = _to_chunk(*_deserialize(*_read_entry(path, whole=True)))
-                for name, t in (("keys", chunk.keys), ("values", chunk.values)):
-                    if not bool(torch.isfinite(t).all()):
-                        raise ValueError(f"non-finite {name} (NaN or infinity)")
-            except FileNotFoundError:
-                continue
-            except MemoryError:
-                raise
-            except Exception as exc:
-                squatter = _squatter(path)
-                if squatter is not None:  # never the store's: named, never removed
-                    bad.append((key, squatter + (" (left in place)" if remove else "")))
-                    continue
-                reason = f"{type(exc).__name__}: {exc}"
-                if remove and not self._mark_corrupt(key, path, reason, st, unreadable_ok=True):
-                    reason += " (left in place: not a file this store wrote)"
-                bad.append((key, reason))
-        return bad
-
-    def stale_temp_files(self, older_than_s: float = STALE_TEMP_AGE_S) -> List[Path]:
-        """Temp files of atomic writes whose writer is gone: on this host with a dead pid, or
-        untouched for ``older_than_s``. Another live writer's temp file is never listed."""
-        return _stale_temp_files(self.root, older_than_s)
-
-    def remove_stale_temp_files(self) -> int:
-        """Delete :meth:`stale_temp_files` (done on open); returns how many were removed."""
-        removed = 0
-        for tmp in self.stale_temp_files():
-            try:
-                tmp.unlink()
-                removed += 1
-            except OSError:
-                pass  # gone already, or a read-only store: harmless either way
-        return removed
-
     def stats(self) -> Dict[str, int]:
         return {
             "hits": self.hits,
@@ -379,29 +334,3 @@ class DiskStore:
             "evictions": self.evictions,
             "bytes_written": self.bytes_written,
         }
-
-    # --------------------------------------------------------------- eviction
-    def _maybe_evict(self, keep: Path) -> None:
-        with self._lock:
-            approx = self._approx_bytes
-        if approx is not None and approx <= self.max_bytes:
-            return
-        files = []
-        for p in self._iter_paths():
-            try:
-                st = os.lstat(p)
-            except FileNotFoundError:
-                continue
-            if stat.S_ISREG(st.st_mode):
-                files.append((st.st_mtime, st.st_size, p, st))
-        total = sum(f[1] for f in files)
-        files.sort(key=lambda f: f[0])
-        for _, size, p, st in files:
-            if total <= self.max_bytes:
-                break
-            if p != keep and self._remove(p, expect=st):  # only files the store wrote
-                total -= size
-                with self._lock:
-                    self.evictions += 1
-        with self._lock:
-            self._approx_bytes = total

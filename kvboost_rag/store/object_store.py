@@ -1,10 +1,7 @@
 """Object-storage KV tier: :class:`ObjectStore`, one object per entry in a bucket under a prefix
-(``s3://bucket/prefix``; ``gs://`` and ``az://`` through the same client, untested).
-
-Client: `obstore <https://pypi.org/project/obstore/>`_, chosen over fsspec + s3fs because it is one
-wheel with no Python dependencies (s3fs brings 20 packages, botocore included) that imports in
-milliseconds and was as fast or faster on the PUTs and GETs measured (docs/store.md, "Object
-storage"). It is optional (``pip install kvboost-rag[s3]``) and imported only when a URL is opened.
+(``s3://bucket/prefix``; ``gs://`` and ``az://`` through the same client, untested). Requests
+(the obstore client, timeouts, retries, cooldown, range reads, listing) are
+:mod:`~kvboost_rag.store.object_client`.
 
 Layout and format are the disk store's: ``<prefix>/<key[:2].lower()>/<key>.safetensors``, the
 bytes of :func:`~kvboost_rag.store.entry_format._serialize`, so an object and a DiskStore file of
@@ -21,31 +18,26 @@ guarantees as :class:`~kvboost_rag.store.disk.DiskStore`, by other means:
   left in place (unlike on disk, where only a killed writer leaves partial files).
 * **Budget**: ``max_bytes`` is enforced after writes by listing the prefix and deleting the oldest
   entries (by write time: a read never writes, so there is no last-used time).
-* **Bounded calls**: every request has a connect and a total timeout; network errors and
-  throttling (5xx) are retried with exponential backoff within ``retry_budget_s``. Then a reader
-  gets a miss (and the store skips the network for ``cooldown_s``, so a prompt of 8 documents
-  does not wait 8 times for a dead endpoint) and a writer a :class:`~kvboost_rag.errors.StoreError`.
+* **Bounded calls** (:class:`~kvboost_rag.store.object_client.ObjectClient`): a request that fails
+  within its timeouts and retries is a miss for a reader (and later reads skip the network for
+  ``cooldown_s``) and a :class:`~kvboost_rag.errors.StoreError` for a writer.
 * **Generation**: each write or delete also PUTs a small object, :data:`GENERATION_OBJECT`, whose
   ETag :meth:`ObjectStore.generation` reads with one HEAD, so a long-lived engine on another
   machine notices new documents (:mod:`~kvboost_rag.store.watch`).
 
-Credentials, region and endpoint come from the standard environment (``AWS_ACCESS_KEY_ID``,
-``AWS_SECRET_ACCESS_KEY``, ``AWS_DEFAULT_REGION``, ``AWS_ENDPOINT_URL``; plain http is allowed
-when that endpoint says ``http://``). The memory and local-disk tiers in front are
+Credentials, region and endpoint come from the standard ``AWS_*`` environment
+(:mod:`~kvboost_rag.store.object_client`). The memory and local-disk tiers in front are
 :mod:`~kvboost_rag.store.object_cache`.
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 import secrets
 import socket
-import struct
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from datetime import timedelta
 from pathlib import PurePosixPath
 from typing import Any, Dict, Hashable, Iterator, List, Optional, Tuple
 
@@ -53,9 +45,10 @@ from kvboost_rag import validate
 from kvboost_rag.errors import InvalidConfigError, StoreError
 from kvboost_rag.kv.chunk import KVChunk
 from kvboost_rag.kv.quantize import check_bits
-from kvboost_rag.store.entry_format import (FORMAT, MAX_HEADER_BYTES, SUFFIX, EntryInfo, _as_stored, _deserialize,
-                                            _fields, _layout, _serialize, _to_chunk)
-from kvboost_rag.store.safe_files import _KEY_RE, _is_entry_name
+from kvboost_rag.store.entry_format import (FORMAT, SUFFIX, EntryInfo, _as_stored, _deserialize, _fields, _serialize,
+                                            _to_chunk)
+from kvboost_rag.store.object_client import _BadConfig, ObjectClient, _header, _Unavailable, is_store_url
+from kvboost_rag.store.safe_files import _KEY_RE
 
 __all__ = ["ObjectStore", "is_store_url", "GENERATION_OBJECT"]
 
@@ -63,53 +56,6 @@ log = logging.getLogger(__name__)
 
 #: Small object under the prefix that every write/delete replaces; its ETag is the generation.
 GENERATION_OBJECT = "kvboost-generation"
-_HEAD_BYTES = 64 << 10  # first range read of a header (texts included); a longer header costs a second read
-_ENDPOINT_VARS = ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL", "AWS_ENDPOINT")
-
-
-def is_store_url(store: Any) -> bool:
-    """Whether ``store`` names an object store (``s3://``, ``gs://``, ``az://``...) rather than a
-    local directory (a plain path or ``file://``)."""
-    return isinstance(store, str) and "://" in store and not store.startswith("file://")
-
-
-def _obstore():
-    try:
-        import obstore
-        import obstore.store
-    except ImportError:
-        raise InvalidConfigError("an object-store URL needs the obstore package: pip install 'kvboost-rag[s3]'") from None
-    return obstore
-
-
-def _header(buf, size: int) -> Tuple[Dict[str, str], list, int]:
-    """(metadata, tensor layout, header length) from the first bytes of an entry of ``size`` bytes;
-    ValueError if damaged, or ``_NeedMore`` if ``buf`` stops inside the header."""
-    if size < 8 or len(buf) < 8:
-        raise ValueError("object shorter than the safetensors length prefix")
-    (n,) = struct.unpack("<Q", bytes(buf[:8]))
-    if n > min(size - 8, MAX_HEADER_BYTES):
-        raise ValueError(f"header length {n} does not fit a {size}-byte object (truncated or not safetensors)")
-    if len(buf) < 8 + n:
-        raise _NeedMore(8 + n)
-    header = json.loads(bytes(buf[8: 8 + n]))
-    if not isinstance(header, dict):
-        raise ValueError("header is not a JSON object")
-    try:
-        metadata, specs = _layout(header, n, size)
-    except ValueError as exc:  # a readable header: whether the store wrote it is still known
-        exc.metadata = header.get("__metadata__")  # type: ignore[attr-defined]
-        raise
-    return metadata, specs, n
-
-
-class _NeedMore(Exception):
-    def __init__(self, end: int) -> None:
-        self.end = end
-
-
-class _Unavailable(Exception):
-    """The object store did not answer (after retries) or refused the request."""
 
 
 def _own(metadata: Optional[Dict[str, str]]) -> bool:
@@ -143,22 +89,11 @@ class ObjectStore:
         self.options = dict(connect_timeout_s=connect_timeout_s, timeout_s=timeout_s, retries=retries,
                             retry_budget_s=retry_budget_s, cooldown_s=cooldown_s, put_attempts=put_attempts,
                             config=dict(config or {}))
-        self._obs = _obstore()
-        client = {"connect_timeout": timedelta(seconds=connect_timeout_s), "timeout": timedelta(seconds=timeout_s)}
-        if any(os.environ.get(v, "").lower().startswith("http://") for v in _ENDPOINT_VARS):
-            client["allow_http"] = True
-        retry = {"max_retries": retries, "retry_timeout": timedelta(seconds=retry_budget_s),
-                 "backoff": {"init_backoff": timedelta(milliseconds=100), "max_backoff": timedelta(seconds=2), "base": 2}}
         try:
-            self._client = self._obs.store.from_url(self.url, client_options=client, retry_config=retry, **self.options["config"])
-            # HEAD of the generation object runs under the engine's lock: one try, a short timeout.
-            probe = dict(client, timeout=timedelta(seconds=min(timeout_s, 2.0)))
-            self._probe = self._obs.store.from_url(self.url, client_options=probe, retry_config={"max_retries": 0},
-                                                   **self.options["config"])
-        except Exception as exc:  # unknown scheme, bad config key...
-            raise InvalidConfigError(f"cannot open object store {url!r}: {exc}") from None
+            self._client = ObjectClient(self.url, **self.options)
+        except _BadConfig as exc:  # unknown scheme, bad config key...
+            raise InvalidConfigError(f"cannot open object store {url!r}: {exc.cause}") from None
         self._lock = threading.Lock()
-        self._down_until = 0.0
         self._approx_bytes: Optional[int] = None
         self._last_listed = 0.0
         self._headers: Dict[Tuple[str, Optional[str]], Tuple[str, Optional[str]]] = {}  # (key, etag) -> (fp, text)
@@ -183,61 +118,18 @@ class ObjectStore:
             raise StoreError(f"invalid store key {key!r}: expected 2-255 characters of [0-9A-Za-z_-]")
         return f"{key[:2].lower()}/{key}{SUFFIX}"
 
-    def _call(self, fn: str, *args: Any, read: bool = True, client: Any = None, **kwargs: Any) -> Any:
-        """obstore ``fn`` on this store; FileNotFoundError for a missing object, :class:`_Unavailable`
-        for anything else (after obstore's retries), and for reads during a cooldown."""
-        if read and time.monotonic() < self._down_until:
-            raise _Unavailable("object store unavailable (cooling down after an error)")
-        try:
-            result = getattr(self._obs, fn)(client or self._client, *args, **kwargs)
-            if fn == "get":  # the body is read here, inside the same timeout and error handling
-                return result.meta, result.bytes()
-            if fn == "list":
-                return [meta for batch in result for meta in batch]
-            return result
-        except FileNotFoundError:
-            raise
-        except Exception as exc:
-            self._down_until = time.monotonic() + self.options["cooldown_s"]
-            raise _Unavailable(f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}") from None
-
     def _miss(self, **counts: int) -> None:
         with self._lock:
             self.misses += 1
             for name, n in counts.items():
                 setattr(self, name, getattr(self, name) + n)
 
-    def _read_header(self, path: str) -> Tuple[Dict[str, str], int, Optional[str]]:
-        """(metadata, object size, etag) of the entry at ``path`` from range reads; ValueError if
-        damaged (the metadata, if it parsed, is attached as ``.metadata``)."""
-        meta, buf = self._call("get", path, options={"range": (0, _HEAD_BYTES)})
-        size, etag = meta["size"], meta.get("e_tag")
-        try:
-            return _header(buf, size)[0], size, etag
-        except _NeedMore as more:
-            buf = bytes(buf) + bytes(self._call("get_range", path, start=len(buf), end=more.end))
-            return _header(buf, size)[0], size, etag
-
-    def _list(self) -> List[Tuple[str, str, int, float, Optional[str]]]:
-        """(key, path, size, last-modified epoch, etag) of every object named like an entry."""
-        out = []
-        try:
-            listed = self._call("list", None, read=False, chunk_size=1000)
-        except (_Unavailable, FileNotFoundError) as exc:
-            raise StoreError(f"cannot list {self.url}: {exc}") from None
-        for meta in listed:
-            parts = meta["path"].split("/")
-            if len(parts) == 2 and _is_entry_name(parts[1], parts[0]):
-                out.append((parts[1][: -len(SUFFIX)], meta["path"], int(meta["size"]),
-                            meta["last_modified"].timestamp(), meta.get("e_tag")))
-        return sorted(out)
-
     # ------------------------------------------------------------------ reads
     def fetch(self, key: str, fingerprint: str) -> Tuple[Optional[KVChunk], Optional[bytearray]]:
         """(verified chunk, the object's bytes) for ``key`` by ``fingerprint``, or (None, None)."""
         path = self._path(key)
         try:
-            meta, body = self._call("get", path)
+            meta, body = self._client.call("get", path)
             etag, data = meta.get("e_tag"), bytearray(body)
         except FileNotFoundError:
             self._miss()
@@ -273,7 +165,7 @@ class ObjectStore:
         """Whether an entry by ``fingerprint`` exists with an intact header (range reads only)."""
         path = self._path(key)
         try:
-            metadata, _, etag = self._read_header(path)
+            metadata, _, etag = self._client.read_header(path)
             fields = _fields(metadata)
         except FileNotFoundError:
             return False
@@ -290,7 +182,7 @@ class ObjectStore:
         cached = self._headers.get((key, etag))
         if cached is None:
             try:
-                metadata = self._read_header(path)[0]
+                metadata = self._client.read_header(path)[0]
                 fingerprint = _fields(metadata)["fingerprint"]
             except Exception:
                 return None  # damage is reported by get/verify, not here
@@ -302,7 +194,7 @@ class ObjectStore:
         """``(key, text)`` of entries by ``fingerprint`` that recorded their text (headers only,
         remembered by ETag so a re-scan reads only new entries; empty if the store is unreachable)."""
         try:
-            listed = self._list()
+            listed = self._client.list_entries()
         except StoreError as exc:
             log.warning("kvboost-rag object store: %s", exc)
             return
@@ -323,18 +215,10 @@ class ObjectStore:
     def put_bytes(self, key: str, data: bytes) -> int:
         """PUT an already serialized entry (retried ``put_attempts`` times with backoff; a PUT is
         idempotent here); returns its size, or raises StoreError."""
-        path, error = self._path(key), None
-        for attempt in range(max(1, self.options["put_attempts"])):
-            if attempt:
-                time.sleep(min(2.0, 0.2 * 2 ** attempt))
-            try:
-                self._call("put", path, data, read=False, use_multipart=False)
-                error = None
-                break
-            except (_Unavailable, FileNotFoundError) as exc:  # FileNotFoundError: no such bucket
-                error = exc
-        if error is not None:
-            raise StoreError(f"object store write of {key} to {self.url} failed: {error}")
+        try:
+            self._client.put(self._path(key), data)
+        except (_Unavailable, FileNotFoundError) as error:  # FileNotFoundError: no such bucket
+            raise StoreError(f"object store write of {key} to {self.url} failed: {error}") from None
         with self._lock:
             self.bytes_written += len(data)
             if key in self.corrupt_keys:
@@ -350,7 +234,7 @@ class ObjectStore:
         """Replace the generation object (best effort: a failure only delays other engines' rescans)."""
         token = f"{time.time():.6f} {socket.gethostname()} {os.getpid()} {secrets.token_hex(8)}".encode()
         try:
-            self._call("put", GENERATION_OBJECT, token, read=False, use_multipart=False)
+            self._client.call("put", GENERATION_OBJECT, token, read=False, use_multipart=False)
         except Exception as exc:
             log.warning("kvboost-rag object store: generation not bumped: %s", exc)
 
@@ -358,7 +242,7 @@ class ObjectStore:
         """The generation object's ETag (one HEAD, one try, short timeout); the last known value
         while the store is unreachable, so an outage never looks like a change."""
         try:
-            meta = self._call("head", GENERATION_OBJECT, client=self._probe)
+            meta = self._client.call("head", GENERATION_OBJECT, probe=True)
             self._generation = (meta.get("e_tag"), meta["last_modified"].timestamp())
         except FileNotFoundError:
             self._generation = None
@@ -372,7 +256,7 @@ class ObjectStore:
         ``etag``, it is still the object that was judged); True if deleted."""
         path = self._path(key)
         try:
-            metadata, _, now_etag = self._read_header(path)
+            metadata, _, now_etag = self._client.read_header(path)
         except FileNotFoundError:
             return False
         except Exception as exc:
@@ -382,7 +266,7 @@ class ObjectStore:
         if not _own(metadata) or (etag is not None and now_etag is not None and now_etag != etag):
             return False
         try:
-            self._call("delete", path, read=False)
+            self._client.call("delete", path, read=False)
         except (_Unavailable, FileNotFoundError):
             return False
         self._bump()
@@ -402,27 +286,27 @@ class ObjectStore:
 
     def clear(self) -> None:
         """Remove every entry the store wrote (other objects under the prefix are left alone)."""
-        for key, *_ in self._list():
+        for key, *_ in self._client.list_entries():
             self._delete_own(key)
         self._approx_bytes = None
 
     # ------------------------------------------------------------- inspection
     def keys(self) -> Iterator[str]:
-        for key, *_ in self._list():
+        for key, *_ in self._client.list_entries():
             yield key
 
     def __len__(self) -> int:
-        return len(self._list())
+        return len(self._client.list_entries())
 
     @property
     def nbytes(self) -> int:
-        return sum(e[2] for e in self._list())
+        return sum(e[2] for e in self._client.list_entries())
 
     def entries(self) -> Iterator[EntryInfo]:
         """Header summary of each readable entry (unreadable ones are skipped; see :meth:`verify`)."""
-        for key, path, size, modified, _ in self._list():
+        for key, path, size, modified, _ in self._client.list_entries():
             try:
-                m = self._read_header(path)[0]
+                m = self._client.read_header(path)[0]
                 f = _fields(m)
             except Exception:
                 continue
@@ -435,10 +319,10 @@ class ObjectStore:
         """Fully check every entry; ``(key, reason)`` of each bad one. ``remove=True`` deletes those
         the store wrote (format marker in a readable header); the rest are left in place."""
         bad = []
-        for key, path, _, _, _ in self._list():
+        for key, path, _, _, _ in self._client.list_entries():
             metadata, etag = None, None
             try:
-                meta, body = self._call("get", path, read=False)
+                meta, body = self._client.call("get", path, read=False)
                 etag, data = meta.get("e_tag"), bytearray(body)
                 metadata, specs, _ = _header(data, len(data))
                 _to_chunk(*_deserialize(metadata, specs, data))
@@ -475,7 +359,7 @@ class ObjectStore:
         if approx is not None and approx <= self.max_bytes and time.monotonic() - self._last_listed < 60:
             return
         try:
-            listed = self._list()
+            listed = self._client.list_entries()
         except StoreError as exc:
             log.warning("kvboost-rag object store: eviction skipped: %s", exc)
             return
