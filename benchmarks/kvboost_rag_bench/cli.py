@@ -16,6 +16,7 @@ import json
 from pathlib import Path
 from typing import Optional, Sequence
 
+from kvboost_rag.app.cli import add_context_args
 from kvboost_rag_bench.random_models import RANDOM_CONFIGS
 from kvboost_rag_bench.report import format_guard, format_judgement, format_table, format_warm, write_plots
 from kvboost_rag_bench.runner import (DEFAULT_PLOT_DOCS, DEFAULT_PLOT_RATIO, DEFAULT_RATIOS, log, parse_encodings,
@@ -74,16 +75,7 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
                         "encoding: the first keeps the method's name, the others are named "
                         "'method/encoding' (default %(default)s; a core without context encoding runs "
                         "isolated only)")
-    s.add_argument("--context-docs", type=int, default=3, metavar="N",
-                   help="context encoding: neighbours each document is encoded after (default %(default)s)")
-    s.add_argument("--context-tokens", type=int, default=None, metavar="N",
-                   help="context encoding: most context tokens per document (default: no budget)")
-    s.add_argument("--context-order", choices=("nearest_last", "nearest_first"), default="nearest_last",
-                   help="context encoding: where the most similar neighbour sits (default %(default)s)")
-    s.add_argument("--context-kv", choices=("computed", "stored"), default="computed",
-                   help="context encoding: run the context through the model with each document "
-                        "('computed') or place the neighbours' stored isolated KV before it ('stored', "
-                        "about an isolated warm's cost) (default %(default)s)")
+    add_context_args(s)  # the same context settings as `kvboost-rag warm`
     s.add_argument("--no-noise-floor", dest="noise_floor", action="store_false",
                    help="multihop: do not add cacheblend@1 (recompute ratio 1) as the noise floor "
                         "(it still runs, unmarked, when --ratios lists 1)")

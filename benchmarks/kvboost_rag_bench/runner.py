@@ -45,6 +45,7 @@ prints and saves it.
 """
 from __future__ import annotations
 
+import argparse
 import contextlib
 import dataclasses
 import importlib.util
@@ -590,13 +591,13 @@ def _warm_summary(report, wall_s: float) -> dict:
 
 
 def context_setting(args) -> Any:
-    """The ``context=`` the benchmark warms its context encoding with (``"auto"``: warm_corpus's
-    default), from --context-docs / --context-tokens / --context-order / --context-kv."""
+    """The ``context=`` the benchmark warms its context encoding with: ``"auto"`` (warm_corpus's
+    default) unless the context settings say otherwise."""
+    from kvboost_rag.app.commands import context_from_args
     from kvboost_rag.index.context import ContextConfig
 
-    cfg = ContextConfig(neighbours=getattr(args, "context_docs", 3), max_tokens=getattr(args, "context_tokens", None),
-                        order=getattr(args, "context_order", "nearest_last"),
-                        neighbour_kv=getattr(args, "context_kv", "computed"))
+    defaults = dict(context_docs=3, context_tokens=None, context_order="nearest_last", context_kv="computed")
+    cfg = context_from_args(argparse.Namespace(**{k: getattr(args, k, v) for k, v in defaults.items()}))
     return "auto" if cfg == ContextConfig() else cfg
 
 

@@ -101,6 +101,23 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="cpu, cuda, mps or auto (default: auto)")
     p.add_argument("--dtype", default=None, help="float32, float16 or bfloat16 (default: the model's)")
 
+def add_context_args(p) -> None:
+    """The index-time context settings (``--context-docs``, ``--context-tokens``, ``--context-order``,
+    ``--context-kv``); :func:`kvboost_rag.app.commands.context_from_args` turns them into a
+    :class:`~kvboost_rag.index.context.ContextConfig`. Shared with ``kvboost-rag bench``."""
+    p.add_argument("--context-docs", type=POSITIVE_INT, default=3, metavar="N",
+                   help="neighbours each document is encoded after (default: 3)")
+    p.add_argument("--context-tokens", type=POSITIVE_INT, default=None, metavar="N",
+                   help="most context tokens per document; the farthest neighbours are dropped first")
+    p.add_argument("--context-order", choices=("nearest_last", "nearest_first"), default="nearest_last",
+                   help="where the most similar neighbour sits: right before the document or first "
+                        "(default: nearest_last)")
+    p.add_argument("--context-kv", choices=("computed", "stored"), default="computed",
+                   help="computed: run each document's context through the model with it; stored: place "
+                        "the neighbours' stored isolated KV before it (about the cost of an isolated warm) "
+                        "(default: computed)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=PROG,
@@ -137,14 +154,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="auto: encode each document after its nearest corpus neighbours (all-MiniLM-L6-v2 "
                         "embeddings), so its KV carries their cross-document attention; none: each alone "
                         "(default: auto)")
-    w.add_argument("--context-docs", type=POSITIVE_INT, default=3, metavar="N",
-                   help="neighbours each document is encoded after (default: 3)")
-    w.add_argument("--context-tokens", type=POSITIVE_INT, default=None, metavar="N",
-                   help="most context tokens per document; the farthest neighbours are dropped first")
-    w.add_argument("--context-kv", choices=("computed", "stored"), default="computed",
-                   help="computed: run each document's context through the model with it; stored: place "
-                        "the neighbours' stored isolated KV before it (about the cost of an isolated warm) "
-                        "(default: computed)")
+    add_context_args(w)
     w.add_argument("--json", metavar="FILE", default=None, help="also write the report as JSON to FILE ('-': stdout)")
     w.add_argument("--no-progress", action="store_true", help="no progress bar")
     w.set_defaults(func=cmd_warm)

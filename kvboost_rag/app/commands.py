@@ -29,13 +29,15 @@ def _store_name(store) -> str:
     return str(getattr(store, "url", None) or store.root)
 
 
-def _context_arg(args):
-    """--context / --context-docs / --context-tokens as warm_corpus's ``context``."""
-    if args.context == "none":
+def context_from_args(args):
+    """``--context`` (when the parser has it) and the settings of
+    :func:`kvboost_rag.app.cli.add_context_args` as ``warm_corpus``'s ``context``."""
+    if getattr(args, "context", "auto") == "none":
         return None
     from kvboost_rag.index.context import ContextConfig
 
-    return ContextConfig(neighbours=args.context_docs, max_tokens=args.context_tokens, neighbour_kv=args.context_kv)
+    return ContextConfig(neighbours=args.context_docs, max_tokens=args.context_tokens, order=args.context_order,
+                         neighbour_kv=args.context_kv)
 
 
 def cmd_warm(args) -> int:
@@ -63,7 +65,7 @@ def cmd_warm(args) -> int:
         report = warm_corpus(args.corpus, model, store, batch_size=args.batch_size, backend=args.backend,
                              num_actors=args.num_actors, progress=not args.no_progress,
                              max_batch_tokens=args.max_batch_tokens, verify_existing=args.verify_existing,
-                             engine_kwargs=engine_kwargs, context=_context_arg(args))
+                             engine_kwargs=engine_kwargs, context=context_from_args(args))
     except KeyboardInterrupt as exc:
         report = getattr(exc, "report", None)
         if report is not None:
