@@ -754,6 +754,9 @@ def run_bench(args, *, engine=None) -> dict:
         for _ in range(args.warmup):          # discarded warm-up round(s)
             bench.run_query(prompts[0], methods, gold=None)
         partial = f"{args.json}.partial.jsonl" if getattr(args, "json", None) else None
+        if partial:  # a fresh file per run; removed once the run's JSON holds every row
+            os.makedirs(os.path.dirname(os.path.abspath(partial)), exist_ok=True)
+            open(partial, "w").close()
         per_query = _run_queries(bench, engine, queries, methods, by_id, args.k, args.quiet, "query", prompts, partial)
 
         # the faithfulness guard: answers only (no teacher-forced pass)
@@ -809,6 +812,8 @@ def run_bench(args, *, engine=None) -> dict:
                 scaling.append(_scaling_point(n, rows, plot_methods))
                 log(args.quiet, f"[bench] plot {n} docs: {scaling[-1]['ttft_median_s']}")
 
+    if partial and os.path.exists(partial):
+        os.remove(partial)
     has_gold = any(q.answer is not None for q in queries)
     summary = summarize(per_query, methods, has_gold=has_gold)
     # the noise floor: cacheblend@1 of a multihop run (added there unless --no-noise-floor)
