@@ -89,7 +89,7 @@ def test_auto_tool_choice_parses_calls_written_by_the_model(engine, monkeypatch)
     from kvboost_rag.frameworks.tool_calls import ToolTurn
 
     monkeypatch.setattr(ToolTurn, "finish", lambda self, text, parsed=None: __import__(
-        "kvboost_rag.prompt.tools", fromlist=["parse_tool_calls"]).parse_tool_calls(written, self.style))
+        "kvboost_rag.frameworks.tool_calls", fromlist=["parse_tool_calls"]).parse_tool_calls(written, self.style))
     msg = model.bind_tools([Add]).invoke("add 1 and 2")
     assert msg.tool_calls[0]["name"] == "Add" and msg.tool_calls[0]["args"] == {"a": 1, "b": 2}
 
