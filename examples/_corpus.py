@@ -63,7 +63,8 @@ def minilm_path() -> Path:
 
 
 def print_row(row: dict) -> None:
-    print(f"\nQ: {row['question']}\nA: {row['answer'].strip()}")
+    print(f"\nQ: {row['question']}\nA (with reuse):   {row['answer'].strip()}")
+    print(f"A (full prefill): {row['answer_full'].strip()}")
     print(f"   TTFT {row['ttft_s'] * 1000:.0f} ms with reuse ({row['reused_tokens']} of {row['prompt_tokens']} "
           f"prompt tokens reused, {row['recomputed_tokens']} recomputed) vs {row['ttft_full_s'] * 1000:.0f} ms "
           f"full prefill: {row['ttft_full_s'] / max(row['ttft_s'], 1e-9):.2f}x", flush=True)

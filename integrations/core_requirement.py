@@ -1,7 +1,7 @@
 """The kvboost-rag requirement of an integration distribution built inside this repository.
 
 Used by ``integrations/*/setup.py`` (each computes its one dynamic field, ``dependencies``, with
-:func:`core_requirement`). kvboost-rag (the core) is on no package index here, so a plain
+:func:`core_requirement`), with the core's extras the integrations need (:data:`CORE_EXTRAS`). kvboost-rag (the core) is on no package index here, so a plain
 ``kvboost-rag`` requirement cannot be resolved by ``pip install ./integrations/<name>``. Built
 inside the repository, an integration therefore requires the core from the checkout:
 ``kvboost-rag @ file:///<repository root>``. Otherwise it requires the plain version range, as a
@@ -55,11 +55,18 @@ def _core_installed_in_target() -> bool:
         return False
 
 
-def core_requirement() -> str:
-    plain = CORE + CORE_RANGE
+#: The core's extras every integration needs: ``structured`` (outlines-core) for
+#: ``with_structured_output`` / ``structured_predict`` / forced tool calls, which decode under a
+#: JSON-schema constraint; without it they fail after a plain install.
+CORE_EXTRAS = ("structured",)
+
+
+def core_requirement(extras: tuple = CORE_EXTRAS) -> str:
+    name = CORE + (f"[{','.join(extras)}]" if extras else "")
+    plain = name + CORE_RANGE
     if os.environ.get("KVBOOST_RELEASE_BUILD", "") not in ("", "0") or "sdist" in sys.argv[1:]:
         return plain
     root = _repository_root()
     if root is None or _core_installed_in_target():
         return plain
-    return f"{CORE} @ {root.as_uri()}"
+    return f"{name} @ {root.as_uri()}"

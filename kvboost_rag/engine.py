@@ -212,7 +212,7 @@ class KVBoostEngine:
                       tools: Optional[Sequence] = None) -> list[Segment]:
         """Render chat messages with the tokenizer's chat template, keeping documents as segments
         (see :func:`kvboost_rag.prompt.chat.render_chat`; ``tools``: :mod:`kvboost_rag.prompt.tools`)."""
-        return render_chat(self.tokenizer, messages, add_generation_prompt, tools=tools)
+        return render_chat(self.tokenizer, messages, add_generation_prompt, tools=tools, model_name=self.model_name)
 
     # ------------------------------------------------------------------ query time
     def _request(self, prompt: Prompt, **options) -> GenerationRequest:

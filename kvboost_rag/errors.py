@@ -72,8 +72,9 @@ class StructuredOutputError(KVBoostError):
     the JSON was complete, the grammar library is missing, or it cannot read the tokenizer."""
 
 
-class ToolsNotSupportedError(KVBoostError):
-    """Tools were passed but the model's chat template has no tool support (it would ignore them)."""
+class ToolsNotSupportedError(KVBoostError, ValueError):
+    """Tools were passed but the model's chat template has no tool support (it would ignore them).
+    Also a ValueError, as frameworks raise for a model that cannot call tools."""
 
 
 class SchedulerFullError(KVBoostError):

@@ -12,7 +12,8 @@ from pathlib import Path
 
 from setuptools import setup
 
-CORE_PLAIN = "kvboost-rag>=0.1.0,<0.2"
+# The core with its ``structured`` extra (outlines-core: with_structured_output / structured_predict).
+CORE_PLAIN = "kvboost-rag[structured]>=0.1.0,<0.2"
 OTHER_DEPENDENCIES = ["llama-index-core>=0.14,<0.15"]
 
 

@@ -237,9 +237,12 @@ def decode(model, tokenizer, cache, first_logits: torch.Tensor, start_position: 
             return
         if step == params.max_new_tokens - 1:
             if state is not None and not state.complete:
+                tail = assembler.text[-160:]
                 raise StructuredOutputError(
                     f"max_new_tokens={params.max_new_tokens} ran out before the output was complete "
-                    f"(expected {state.description}); raise max_new_tokens (or bound the schema: maxLength, maxItems)")
+                    f"(expected {state.description}); the answer so far ends with {tail!r}. Raise "
+                    "max_new_tokens, or bound the schema (maxLength on strings, maxItems on arrays); a "
+                    "model repeating itself inside a string needs a repetition_penalty (e.g. 1.3)")
             yield token, delta + assembler.flush(), "length"
             return
         yield token, delta, None

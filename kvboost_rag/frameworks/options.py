@@ -15,9 +15,13 @@ common live here so that both behave alike:
   :data:`~kvboost_rag.serve.request.GENERATION_OPTIONS` (the fields of ``SamplingParams`` plus
   ``strategy``, ``recompute_ratio``, ``timeout``), so an option the core gains later passes
   through with no change here; :func:`option_fields` maps an integration's own fields onto them.
-* **Stop and constraint**: :func:`constrained_kwargs` is the one place a framework's ``stop``
-  yields to a constraint the integration derived (``response_format``, a forced tool call); the
-  engine itself refuses both given together.
+* **Stop, constraint and budget**: :func:`constrained_kwargs` is the one place a framework's
+  ``stop`` yields to a constraint the integration derived (``response_format``, a forced tool
+  call; the engine itself refuses both given together), and where a structured answer gets the
+  budget its schema needs (:func:`structured_budget`).
+* **Documents a framework retrieved**: :func:`mark_documents` turns the retrieved texts a flat
+  prompt holds into document segments (:class:`MarkedPrompt`), so they are stored on first use
+  and reused after, however short.
 * **Message translation**: :func:`engine_role`, :func:`engine_message`,
   :func:`refuse_media` - framework roles to chat-template roles, text parts and document
   segments to one engine chat message, media refused (the engine serves text-only models).
@@ -27,6 +31,7 @@ common live here so that both behave alike:
 from __future__ import annotations
 
 import asyncio
+import re
 from typing import Any, Iterable, Mapping, Sequence
 
 from kvboost_rag.errors import InvalidInputError
@@ -203,18 +208,61 @@ def response_format_constraint(response_format: Any, *, owner: str):
         "{'type': 'json_schema', 'json_schema': {'schema': {...}}}, a JSON schema or a pydantic class")
 
 
-def constrained_kwargs(kwargs: Mapping[str, Any], constraint: Any) -> dict:
+#: Tokens a structured answer may take when its schema sets no bound (a string without
+#: ``maxLength``, an array without ``maxItems``), unless the caller's limit is larger: room for
+#: any sensible object, while a model looping inside a string stops there.
+UNBOUNDED_STRUCTURED_TOKENS = 256
+
+
+def _regex_max_width(regex: str):
+    """The most characters a text matching ``regex`` can have, or None if unbounded."""
+    try:
+        import re._parser as sre_parse  # Python >= 3.11
+    except ImportError:  # pragma: no cover - Python 3.10
+        import sre_parse
+    try:
+        width = sre_parse.parse(regex).getwidth()[1]
+    except Exception:  # a pattern Python's parser does not read: treat as unbounded
+        return None
+    return None if width >= sre_parse.MAXREPEAT else int(width)
+
+
+def structured_budget(constraint: Any, requested: Any, prompt_tokens: int, context_window: int) -> Any:
+    """``max_new_tokens`` of a constrained answer (structured output, a forced tool call): the
+    larger of the caller's limit (``requested``; None: the engine default, 128) and what the
+    schema needs, within the room the context window leaves after the prompt.
+
+    What the schema needs: the longest text its grammar allows, in characters (a token holds at
+    least one character of ASCII text), when the schema bounds every part; otherwise
+    :data:`UNBOUNDED_STRUCTURED_TOKENS`. So ``max_tokens=32`` never cuts a small object in half
+    (it used to raise :class:`~kvboost_rag.errors.StructuredOutputError`). A caller's limit larger
+    than the room is left as is (the engine says the prompt does not fit)."""
+    requested = int(requested) if requested is not None else 128
+    width = _regex_max_width(constraint.regex)
+    need = width if width is not None else UNBOUNDED_STRUCTURED_TOKENS
+    room = int(context_window) - int(prompt_tokens)
+    if requested >= need or requested >= room:
+        return requested
+    return max(requested, min(need, room))
+
+
+def constrained_kwargs(kwargs: Mapping[str, Any], constraint: Any, *, engine: Any = None, prompt: Any = None) -> dict:
     """Generation keyword arguments with ``constraint`` set (``None``: ``kwargs`` unchanged).
 
     The one rule for ``stop`` under a constraint the integration derived itself (a
     ``response_format``, a forced tool call): the stop sequences are dropped, since the grammar
     ends the answer and the engine (:class:`~kvboost_rag.decode.loop.SamplingParams`) refuses both
-    given together. Both integrations and :func:`~kvboost_rag.frameworks.tool_calls.generate_tool_calls`
+    given together. With ``engine`` and ``prompt``, ``max_new_tokens`` becomes the
+    :func:`structured_budget` (a structured answer never fails on a limit its object cannot fit
+    in). Both integrations and :func:`~kvboost_rag.frameworks.tool_calls.generate_tool_calls`
     go through here."""
     out = dict(kwargs)
     if constraint is not None:
         out.pop("stop", None)
         out["constraint"] = constraint
+        if engine is not None and prompt is not None:
+            out["max_new_tokens"] = structured_budget(constraint, out.get("max_new_tokens"),
+                                                      engine.count_tokens(prompt), engine.context_window)
     return out
 
 
@@ -250,6 +298,52 @@ def document_part(text: str):
     return Segment.document(text)
 
 
+class MarkedPrompt(list):
+    """A prompt (a list of :class:`~kvboost_rag.prompt.segments.Segment`) whose documents its caller
+    marked itself: the retrieved documents a framework passed (:func:`mark_documents`), or a tool
+    turn (whose template adds tool instructions, which are no documents). Write-behind stores its
+    document segments after first use, and looks for no other documents in its text
+    (``recognise_documents = False``; see :mod:`kvboost_rag.index.write_behind`)."""
+
+    recognise_documents = False
+
+
+def mark_documents(segments: Any, documents: Iterable[str], engine: Any = None) -> MarkedPrompt:
+    """``segments`` with every verbatim occurrence of one of ``documents`` (the texts a framework
+    retrieved: LangChain ``page_content``, LlamaIndex node contents) in a text segment made a
+    document segment, the longest first; the prompt's text is unchanged. Their stored KV is
+    reused, and a document not stored yet is stored after this answer (write-behind), so the next
+    prompt holding it reuses it, however short it is.
+
+    ``engine``: the engine's automatic detection runs first (``engine.segments``), so a stored
+    text that holds a retrieved one (a document warmed as the chain renders it, ``"Source: ...\\n"``
+    and its content) stays one document."""
+    from kvboost_rag.prompt.segments import Segment
+
+    texts = sorted({d.strip() for d in documents if isinstance(d, str) and d.strip()}, key=len, reverse=True)
+    if not texts:
+        return MarkedPrompt([Segment("text", segments)] if isinstance(segments, str) else segments)
+    if engine is not None:
+        segments = engine.segments(segments)
+    elif isinstance(segments, str):
+        segments = [Segment("text", segments)]
+    pattern = re.compile("|".join(re.escape(t) for t in texts))
+    out = MarkedPrompt()
+    for seg in segments:
+        if seg.is_document:
+            out.append(seg)
+            continue
+        last = 0
+        for m in pattern.finditer(seg.text):
+            if m.start() > last:
+                out.append(Segment("text", seg.text[last:m.start()]))
+            out.append(Segment("document", m.group(0)))
+            last = m.end()
+        if last < len(seg.text):
+            out.append(Segment("text", seg.text[last:]))
+    return out
+
+
 def refuse_media(owner: str, kind: str) -> None:
     """The engine serves text-only models: refuse image/audio/video/file inputs clearly."""
     raise InvalidInputError(f"{owner} serves text-only models; got a {kind!r} content block")
@@ -279,5 +373,6 @@ def usage(result: Any) -> dict:
 __all__ = [
     "EngineHolder", "LazyEngineMixin", "DEFAULT_MODEL_NAME", "HF_GENERATION_OPTIONS", "OPTION_ALIASES", "ROLE_ALIASES",
     "engine_generation_options", "option_fields", "normalize_aliases", "check_generation_options", "generation_kwargs",
-    "engine_role", "engine_message", "response_format_constraint", "constrained_kwargs", "document_part", "refuse_media", "telemetry", "usage",
+    "engine_role", "engine_message", "response_format_constraint", "MarkedPrompt", "mark_documents",
+    "structured_budget", "UNBOUNDED_STRUCTURED_TOKENS", "constrained_kwargs", "document_part", "refuse_media", "telemetry", "usage",
 ]

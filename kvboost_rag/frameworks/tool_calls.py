@@ -17,91 +17,19 @@ JSON-schema constraint (:mod:`kvboost_rag.decode.constraints`) ``{"name": <one o
 from __future__ import annotations
 
 import json
-import re
 from dataclasses import dataclass
 from typing import Any, Optional, Sequence
 
 from kvboost_rag.decode.constraints import json_schema_constraint
 from kvboost_rag.errors import InvalidInputError
-from kvboost_rag.frameworks.options import constrained_kwargs
+from kvboost_rag.frameworks.options import MarkedPrompt, constrained_kwargs
+from kvboost_rag.frameworks.tool_call_parser import parse_tool_calls, scan
 from kvboost_rag.prompt.segments import Segment
 from kvboost_rag.prompt.tools import (FORCED_CHOICES, ParsedToolCalls, ToolCall, ToolChatResult, normalize_tools,  # noqa: F401
                                       tool_call_style)
 
 __all__ = ["parse_tool_calls", "tool_call_schema", "tool_call_constraint", "generate_tool_calls", "ToolTurn",
            "ToolCallStream", "prepare_tool_turn", "forced_choice", "ToolCall", "ParsedToolCalls", "ToolChatResult"]
-
-# ------------------------------------------------------------------ parsing
-_CALL_TAGS = ("<tool_call>", "</tool_call>")  # hermes style: a call's opening and closing tags
-_HERMES = re.compile(r"<tool_call>\s*(.*?)\s*(?:</tool_call>|\Z)", re.DOTALL)
-_FENCE = re.compile(r"^```(?:json)?\s*(.*?)\s*```$", re.DOTALL)
-
-
-def _as_call(obj: Any) -> Optional[ToolCall]:
-    if not isinstance(obj, dict):
-        return None
-    if obj.get("type") == "function" and isinstance(obj.get("function"), dict):
-        obj = obj["function"]
-    name = obj.get("name")
-    args = obj.get("arguments", obj.get("parameters"))
-    if isinstance(args, str):
-        try:
-            args = json.loads(args)
-        except ValueError:
-            return None
-    if not isinstance(name, str) or not name or not isinstance(args, dict):
-        return None
-    return ToolCall(name, args)
-
-
-def parse_tool_calls(text: str, style: str = "hermes") -> ParsedToolCalls:
-    """Find the tool calls in generated ``text`` written in ``style`` (:func:`tool_call_style`).
-
-    hermes: every ``<tool_call>{json}</tool_call>`` block (an unclosed last block too); the rest
-    is the content. llama3 / json: the text (after an optional ``<|python_tag|>`` or code fence)
-    is one or more JSON objects with ``name`` and ``parameters``/``arguments`` separated by ``;``
-    or whitespace; otherwise it is all content. A block that does not parse stays in the content."""
-    if style not in ("hermes", "llama3", "json"):
-        raise InvalidInputError(f"unknown tool-call style {style!r}; one of hermes, llama3, json")
-    calls: list[ToolCall] = []
-    if style == "hermes":
-        kept, last = [], 0
-        for m in _HERMES.finditer(text):
-            call = _as_call(_loads(m.group(1)))
-            if call is None:
-                continue
-            calls.append(call)
-            kept.append(text[last:m.start()])
-            last = m.end()
-        kept.append(text[last:])
-        return ParsedToolCalls(calls, "".join(kept).strip())
-    body = text.strip().removeprefix("<|python_tag|>").strip()
-    fenced = _FENCE.match(body)
-    body = fenced.group(1) if fenced else body
-    decoder, pos = json.JSONDecoder(), 0
-    while pos < len(body) and body[pos] == "{":
-        try:
-            obj, end = decoder.raw_decode(body, pos)
-        except ValueError:
-            break
-        call = _as_call(obj)
-        if call is None:
-            break
-        calls.append(call)
-        pos = end
-        while pos < len(body) and body[pos] in "; \n\t\r":
-            pos += 1
-    if not calls:
-        return ParsedToolCalls([], text.strip())
-    return ParsedToolCalls(calls, body[pos:].strip())
-
-
-def _loads(s: str) -> Any:
-    try:
-        return json.loads(s)
-    except ValueError:
-        return None
-
 
 # ------------------------------------------------------------------ forced calls
 def _chosen(tools: list[dict], tool_choice: Any) -> list[dict]:
@@ -150,12 +78,14 @@ class ToolTurn:
     ``None`` when the model decides) and how to read the answer back (:meth:`finish`). The
     streaming form of :func:`generate_tool_calls`: pass ``segments`` and ``constraint`` to
     ``engine.stream`` and call :meth:`finish` with the final text, or feed the deltas to
-    :meth:`stream` to get the text and the calls as they complete."""
+    :meth:`stream` to get the text and the calls as they complete. ``tool_names``: the bound
+    tools (JSON naming another tool is text); ``None`` accepts any name."""
 
     segments: list
     constraint: Any
     style: str
     tool_choice: Any
+    tool_names: Optional[tuple] = None
 
     @property
     def forced(self) -> bool:
@@ -168,7 +98,7 @@ class ToolTurn:
             return ParsedToolCalls([ToolCall(obj["name"], obj["arguments"])], "")
         if self.tool_choice == "none":
             return ParsedToolCalls([], text.strip())
-        return parse_tool_calls(text, self.style)
+        return parse_tool_calls(text, self.style, self.tool_names)
 
     def stream(self) -> "ToolCallStream":
         """An incremental reader of this turn's answer (:class:`ToolCallStream`): text and calls as
@@ -183,27 +113,24 @@ class ToolCallStream:
 
     What the events add up to is what :meth:`ToolTurn.finish` returns for the whole text (the
     text events joined equal its ``content``, stripped the same way; the calls, its
-    ``tool_calls``):
+    ``tool_calls``): the same reader (:func:`parse_tool_calls`' every form) runs on the text not
+    yet decided, and stops where more text could change the decision.
 
-    * hermes style (``<tool_call>{json}</tool_call>``): text streams as it comes; a call is emitted
-      when its closing tag arrives (an unclosed last block at :meth:`close`); a block that does not
-      parse as a call is text, as in :func:`parse_tool_calls`. A possible partial ``<tool_call>``
-      at the end of the text so far, and trailing whitespace, are held back until known.
-    * llama3 / json styles (a bare JSON call at the start): an answer whose first visible text can
-      open a call (``{``, ``<|python_tag|>``, a code fence) is read whole at :meth:`close`; any other
-      answer is text and streams as it comes.
+    * text streams as it comes; what may open a call (``<tool_call>``, ``<|python_tag|>``, a code
+      fence, ``{"``, ``[{``, or a partial one at the end of the text so far) is held back until its
+      JSON balances (or, for a block, its closing tag arrives), then comes out as a call or as text;
+      an unclosed last block or bare JSON is decided at :meth:`close`. Trailing whitespace is held
+      back until more content follows.
     * a forced ``tool_choice`` (the answer is the call's JSON): the call at :meth:`close`;
       ``tool_choice="none"``: all text.
     """
 
-    _OPENERS = ("{", "<|python_tag|>", "```")
-
     def __init__(self, turn: "ToolTurn") -> None:
         self.turn = turn
+        self._names = frozenset(turn.tool_names) if turn.tool_names is not None else None
         self._all: list[str] = []
-        self._pending = ""  # hermes: text not yet classified
-        self._in_block = False  # hermes: _pending starts with an opening tag
-        self._mode: Optional[str] = None  # json styles: None (undecided), "text" or "whole"
+        self._pending = ""  # text not yet decided
+        self._after_call = False  # the text so far ended with a call (a ";" after it is dropped)
         self._started = False  # some content was emitted (leading whitespace is dropped before)
         self._held_ws = ""  # trailing whitespace, emitted only if more content follows
         self._closed = False
@@ -229,6 +156,14 @@ class ToolCallStream:
         self.tool_calls.append(call)
         return [call]
 
+    def _read(self, final: bool) -> list:
+        events, consumed, self._after_call = scan(self._pending, self._names, final, self._after_call)
+        self._pending = self._pending[consumed:]
+        out: list = []
+        for event in events:
+            out += self._text(event) if isinstance(event, str) else self._call(event)
+        return out
+
     def feed(self, delta: str) -> list:
         """Events made known by the next text ``delta``."""
         if self._closed:
@@ -239,45 +174,8 @@ class ToolCallStream:
             return []
         if turn.tool_choice == "none":
             return self._text(delta)
-        if turn.style == "hermes":
-            self._pending += delta
-            return self._hermes()
-        if self._mode == "text":
-            return self._text(delta)
-        if self._mode is None:
-            head = self._all_text.lstrip()
-            if not head:
-                return []
-            if any(head.startswith(o) for o in self._OPENERS):
-                self._mode = "whole"
-            elif not any(o.startswith(head) for o in self._OPENERS):
-                self._mode = "text"
-                return self._text(self._all_text)
-        return []
-
-    def _hermes(self) -> list:
-        out: list = []
-        opener, closer = _CALL_TAGS
-        while True:
-            if not self._in_block:
-                i = self._pending.find(opener)
-                if i >= 0:
-                    out += self._text(self._pending[:i])
-                    self._pending, self._in_block = self._pending[i:], True
-                    continue
-                keep = next((k for k in range(min(len(opener) - 1, len(self._pending)), 0, -1)
-                             if self._pending.endswith(opener[:k])), 0)
-                cut = len(self._pending) - keep
-                out += self._text(self._pending[:cut])
-                self._pending = self._pending[cut:]
-                return out
-            j = self._pending.find(closer, len(opener))
-            if j < 0:
-                return out
-            block, self._pending = self._pending[:j + len(closer)], self._pending[j + len(closer):]
-            self._in_block = False
-            call = _as_call(_loads(block[len(opener):-len(closer)].strip()))
-            out += self._call(call) if call is not None else self._text(block)
+        self._pending += delta
+        return self._read(final=False)
 
     def close(self, parsed_json: Any = None) -> list:
         """The events left once the answer is complete (``parsed_json``: ``result.extra["json"]``
@@ -286,16 +184,13 @@ class ToolCallStream:
             return []
         self._closed = True
         turn, out = self.turn, []
-        if turn.forced or (turn.style != "hermes" and turn.tool_choice != "none" and self._mode != "text"):
+        if turn.forced:
             parsed = turn.finish(self._all_text, parsed_json)
             for call in parsed.tool_calls:
                 out += self._call(call)
             out += self._text(parsed.content)
-        elif turn.style == "hermes" and turn.tool_choice != "none":
-            opener = _CALL_TAGS[0]
-            call = _as_call(_loads(self._pending[len(opener):].strip())) if self._in_block else None
-            out += self._call(call) if call is not None else self._text(self._pending)
-            self._pending, self._in_block = "", False
+        elif turn.tool_choice != "none":
+            out = self._read(final=True)
         self._held_ws = ""
         return out
 
@@ -309,14 +204,16 @@ def prepare_tool_turn(engine, messages: Sequence[dict], tools: Sequence[Any], to
     elif tool_choice is False:
         tool_choice = "auto"
     normalized = normalize_tools(tools)
-    segments = list(engine.chat_segments(messages, tools=normalized))
+    # a MarkedPrompt: write-behind takes no block of the tool instructions the template adds for a document
+    segments = MarkedPrompt(engine.chat_segments(messages, tools=normalized))
     style = tool_call_style(engine.tokenizer)
+    names = tuple(t["function"]["name"] for t in normalized)
     if not forced_choice(tool_choice):
-        return ToolTurn(segments, None, style, tool_choice)
+        return ToolTurn(segments, None, style, tool_choice, names)
     constraint = tool_call_constraint(normalized, tool_choice)
     if _CALL_OPENER[style]:
         segments.append(Segment("text", _CALL_OPENER[style]))
-    return ToolTurn(segments, constraint, style, tool_choice)
+    return ToolTurn(segments, constraint, style, tool_choice, names)
 
 
 def generate_tool_calls(engine, messages: Sequence[dict], tools: Sequence[Any], *, tool_choice: Any = "auto",
@@ -330,6 +227,7 @@ def generate_tool_calls(engine, messages: Sequence[dict], tools: Sequence[Any], 
     modes through :func:`~kvboost_rag.frameworks.options.constrained_kwargs` (``stop`` yields to
     the grammar, which ends the call). Streaming: :func:`prepare_tool_turn`."""
     turn = prepare_tool_turn(engine, messages, tools, tool_choice)
-    result = engine.generate(turn.segments, **constrained_kwargs(generate_kwargs, turn.constraint))
+    result = engine.generate(turn.segments, **constrained_kwargs(generate_kwargs, turn.constraint, engine=engine,
+                                                                   prompt=turn.segments))
     parsed = turn.finish(result.text, result.extra.get("json"))  # the parsed call in forced mode
     return ToolChatResult(parsed.content, parsed.tool_calls, result)

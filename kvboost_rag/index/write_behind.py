@@ -30,9 +30,10 @@ documents are counted as retrieved together (:class:`~kvboost_rag.index.coretrie
 a document whose most frequent partners in this prompt are not the ones it was encoded after is
 queued for re-encoding after them, on the same worker and with the same idle rule.
 
-Also here, because it watches the same answers: a one-time warning when prompts keep arriving
-with nothing reused and write-behind cannot help (it is off, or the prompts hold nothing it
-recognises as a document).
+Also here, because it watches the same answers: a one-time warning when prompts that hold
+documents keep arriving with nothing reused and write-behind cannot help (it is off, or the
+documents failed to store). Prompts with no document (a tool call, structured output over a
+question) could reuse nothing and do not count.
 """
 from __future__ import annotations
 
@@ -54,9 +55,9 @@ log = logging.getLogger("kvboost_rag")
 # A line that separates blocks: blank, or a horizontal rule of 3+ '-' / '=' / '_' / '*'
 # (LlamaIndex's default QA template fences its context with "---------------------").
 _RULE = re.compile(r"[-=_*]{3,}")
-# Blocks shorter than this are not taken for documents: instructions and questions are short,
-# retrieved chunks are usually several hundred characters.
-MIN_DOCUMENT_CHARS = 200
+# No minimum length: a retrieved chunk may be one sentence (stock chains over short documents
+# reused nothing with a 200-character minimum). Kept as a parameter for callers that want one.
+MIN_DOCUMENT_CHARS = 0
 
 
 def _is_separator(line: str) -> bool:
@@ -64,26 +65,43 @@ def _is_separator(line: str) -> bool:
     return not s or _RULE.fullmatch(s) is not None
 
 
+def _is_label(line: str) -> bool:
+    """A line that introduces what follows ("Context:", "Use the documents below:")."""
+    return line.rstrip().endswith(":")
+
+
+def _is_instruction(text: str) -> bool:
+    """A block that is the prompt's own words, never a document: it introduces something (ends
+    with ``:``), asks (ends with ``?``), or is a heading (``# Tools``)."""
+    return text.endswith((":", "?")) or (text.startswith("#") and "\n" not in text)
+
+
 def recognise_documents(segments: Sequence[Segment], special_tokens: Iterable[str] = (),
                         min_chars: int = MIN_DOCUMENT_CHARS) -> list[str]:
     """Texts inside a prompt's *text* segments that are laid out like pasted documents.
 
-    Conservative on purpose (a false positive costs a background encoding and a store entry,
-    never a wrong answer: a stored text is only reused where it occurs verbatim). A block is a
-    run of lines between separator lines (blank lines or rules such as ``-----``); it is taken
-    when all of these hold:
+    A false positive costs a background encoding and a store entry, never a wrong answer (a
+    stored text is only reused where it occurs verbatim); the rules keep the prompt's own words
+    out. A block is a run of lines between separator lines (blank lines or rules such as
+    ``-----``); it is taken when all of these hold:
 
     * a separator line (or, at a text segment's start, a document segment followed by a newline)
       comes before it, and one comes after it: the first block of a prompt (its instruction)
-      and the last (its question) never qualify;
-    * it is at least ``min_chars`` characters long (stripped);
+      and the last (its question) never qualify. Except that the first block's lines after its
+      first label line (``Context:``, ``...the following context:``) are a block of their own:
+      the first document of a chain that writes ``{context}`` on the line after such a label;
+    * it is not the prompt's own words: it does not end with ``:`` or ``?`` and is not a heading;
+    * it is at least ``min_chars`` characters long (stripped; no minimum by default: retrieved
+      chunks can be one sentence);
     * it holds none of the tokenizer's special-token strings (chat-template markers).
 
-    This matches what stock chains produce: LangChain's ``create_stuff_documents_chain`` and
-    ``RetrievalQA`` join ``page_content`` with ``"\\n\\n"`` between an instruction and a question,
-    LlamaIndex's text-QA template puts ``"\\n\\n"``-joined node texts between two rules, and
-    :func:`kvboost_rag.prompt.chat.render_chat` joins message parts with blank lines. A document with
-    blank lines inside is stored paragraph by paragraph (each part is still reused verbatim).
+    This matches what stock chains produce: LangChain's ``create_stuff_documents_chain``, an LCEL
+    ``format_docs`` and ``RetrievalQA`` join ``page_content`` with ``"\\n\\n"`` between an
+    instruction and a question, LlamaIndex's text-QA template puts ``"\\n\\n"``-joined node texts
+    between two rules, and :func:`kvboost_rag.prompt.chat.render_chat` joins message parts with
+    blank lines. A document with blank lines inside is stored paragraph by paragraph (each part
+    is still reused verbatim). The integrations pass the documents a framework retrieved as
+    document segments instead (a prompt with ``recognise_documents = False`` is not searched).
     """
     specials = [s for s in special_tokens if s]
     found: list[str] = []
@@ -108,9 +126,14 @@ def recognise_documents(segments: Sequence[Segment], special_tokens: Iterable[st
             while k < len(lines) and not _is_separator(lines[k]):
                 k += 1
             left = start > 0
+            if not left:  # the first block: what follows its first label line, if anything does
+                label = next((x for x in range(start, k - 1) if _is_label(lines[x])), None)
+                if label is not None:
+                    start, left = label + 1, True
             right = k < len(lines) or (doc_after and lines[k - 1].endswith(("\n", "\r")))
             text = "".join(lines[start:k]).strip()
-            if left and right and len(text) >= min_chars and not any(s in text for s in specials):
+            if (left and right and text and len(text) >= min_chars and not _is_instruction(text)
+                    and not any(s in text for s in specials)):
                 found.append(text)
         i = j
     return found
@@ -224,7 +247,8 @@ class WriteBehind:
         """Queue the answer's missing documents; note whether anything was reused."""
         if result.strategy == "full" or result.prompt_tokens <= 0:
             return  # a full prefill asks for no reuse
-        offered = self._offer(self.candidates(prompt, result)) if self.enabled else 0
+        candidates = self.candidates(prompt, result)
+        offered = self._offer(candidates) if self.enabled else 0
         if self.enabled and getattr(self._engine, "coretrieval", None) is not None:
             self._offer(self.learned_contexts(prompt))
         with self._cond:
@@ -232,6 +256,8 @@ class WriteBehind:
                 self._no_reuse_run = 0
             if result.reused_tokens > 0 or offered:  # reuse, or write-behind will give some next time
                 return
+            if not candidates and not (getattr(result, "extra", None) or {}).get("documents"):
+                return  # no document in the prompt (a tool call, structured output...): nothing to reuse
             self._no_reuse_run += 1
             run = self._no_reuse_run
             warn = run >= self.warn_after and not self.warned
@@ -256,8 +282,9 @@ class WriteBehind:
         texts = []
         if extra.get("documents_reused", 0) < extra.get("documents", 0):
             texts = [s.text for s in segments if s.is_document]
-        specials = getattr(engine.tokenizer, "all_special_tokens", ()) or ()
-        texts += recognise_documents(segments, specials)
+        if getattr(prompt, "recognise_documents", True):  # False: the caller marked the documents
+            specials = getattr(engine.tokenizer, "all_special_tokens", ()) or ()
+            texts += recognise_documents(segments, specials)
         return list(dict.fromkeys(texts))
 
     def learned_contexts(self, prompt: Any) -> list[tuple]:

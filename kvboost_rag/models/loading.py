@@ -13,6 +13,7 @@ Why each part exists:
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
 import json
@@ -238,6 +239,20 @@ def _converted_gguf_dir(gguf: Path) -> Path:
     return kvboost_home() / "models" / f"{gguf.stem}-{tag}"
 
 
+@contextlib.contextmanager
+def _no_progress_bars():
+    """transformers' progress bars off for the duration (restored after, if they were on)."""
+    from transformers.utils import logging as hf_logging
+
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            hf_logging.enable_progress_bar()
+
+
 def _convert_gguf(gguf: Path, packaged: Optional[PackagedModel] = None) -> Path:
     """Dequantize a GGUF file once and keep a safetensors copy (later loads read it directly).
 
@@ -248,8 +263,9 @@ def _convert_gguf(gguf: Path, packaged: Optional[PackagedModel] = None) -> Path:
     if (target / "config.json").exists():
         return target
     log.info("Converting %s to a cached Hugging Face folder (one time, up to a few minutes)...", gguf.name)
-    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    with _no_progress_bars():  # an internal step: the user sees one "Loading weights" bar, the real load's
+        model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     if packaged is not None:
         packaged.fix_converted(model, tokenizer)
     # The weights are already dequantized; the quantizer only blocks save_pretrained.

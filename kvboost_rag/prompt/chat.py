@@ -33,7 +33,7 @@ def template_preamble(tokenizer, system_prompt: str) -> str:
 
 
 def render_chat(tokenizer, messages: Sequence[dict], add_generation_prompt: bool = True,
-                tools: Optional[Sequence] = None) -> list[Segment]:
+                tools: Optional[Sequence] = None, model_name: Optional[str] = None) -> list[Segment]:
     """Render chat messages with the tokenizer's chat template, keeping documents as segments.
 
     A message is ``{"role": ..., "content": ...}`` with a role in
@@ -44,7 +44,8 @@ def render_chat(tokenizer, messages: Sequence[dict], add_generation_prompt: bool
     rendered, and the result is split back into text and document segments.
 
     Tool use (:mod:`kvboost_rag.prompt.tools`): ``tools`` (JSON schemas / functions) are passed to the
-    template (:class:`~kvboost_rag.errors.ToolsNotSupportedError` if it has no tool support); an
+    template (:class:`~kvboost_rag.errors.ToolsNotSupportedError`, naming ``model_name``, if it has no
+    tool support); an
     assistant message's ``tool_calls`` and a ``tool`` message's ``tool_call_id`` / ``name`` pass
     through as Hugging Face templates expect; a tool result given as a dict is sent as its JSON."""
     extras: list[dict] = []
@@ -54,7 +55,7 @@ def render_chat(tokenizer, messages: Sequence[dict], add_generation_prompt: bool
     messages = check_messages(messages)  # refuses a str, a dict... with a clear message
     template_kwargs = {}
     if tools:
-        check_tool_support(tokenizer)
+        check_tool_support(tokenizer, model_name)
         template_kwargs["tools"] = normalize_tools(tools)
     docs: list[str] = []
     rendered_msgs = []

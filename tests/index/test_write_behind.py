@@ -15,7 +15,7 @@ from kvboost_rag.index.write_behind import recognise_documents
 
 from kvboost_rag.testing.models import DOCS, tiny_engine
 
-# Documents long enough to be recognised in flat prompts (MIN_DOCUMENT_CHARS).
+# Documents of several hundred characters (blocks of any length are recognised in flat prompts).
 LONG = [f"Note {i}. " + " ".join(DOCS[(i + k) % len(DOCS)] for k in range(3)) for i in range(8)]
 
 
@@ -218,13 +218,60 @@ def test_recognition_is_conservative():
     assert recognise_documents([Segment.text(llama_index_qa([LONG[2]]))]) == [LONG[2]]
     # instruction (first block) and question (last block) never count, however long
     assert recognise_documents([Segment.text(LONG[0] + "\n\n" + LONG[1])]) == []
-    # short blocks, single-newline joins and chat markers do not count
-    assert recognise_documents([Segment.text(retrieval_qa(["short one", "short two"]))]) == []
+    # single-newline joins and chat markers do not count
     assert recognise_documents([Segment.text("Context:\n" + "\n".join(LONG[:2]) + "\nQ?")]) == []
     assert recognise_documents([Segment.text(retrieval_qa([LONG[0] + "<|im_end|>"]))], ["<|im_end|>"]) == []
     # a block next to a detected document, after a newline, counts
     segs = [Segment.text("Context:\n\n"), Segment.document(DOCS[0]), Segment.text("\n\n" + LONG[3] + "\n\nQ?")]
     assert recognise_documents(segs) == [LONG[3]]
+
+
+SHORT = ["The Colosseum is in Rome.", "Paris is the capital of France; it lies on the Seine.",
+         "A tuple is an immutable sequence."]
+
+
+def test_short_documents_and_the_first_one_after_a_label_are_recognised():
+    """No minimum length (stock chains over one-sentence chunks reused nothing), and the document
+    on the line right after a ``Context:`` label (it used to be glued to the instruction)."""
+    assert recognise_documents([Segment.text(retrieval_qa(SHORT))]) == SHORT
+    lcel = ("Answer the question based only on the following context:\n" + "\n\n".join(SHORT)
+            + "\n\nQuestion: where is the Colosseum?")
+    assert recognise_documents([Segment.text(lcel)]) == SHORT
+    chat = [Segment.text("<|im_start|>user\nContext:\n" + "\n\n".join(SHORT) + "\n\nWhere?<|im_end|>\n")]
+    assert recognise_documents(chat, ["<|im_start|>", "<|im_end|>"]) == SHORT
+
+
+def test_the_prompts_own_words_are_never_documents():
+    """Instruction (first block), question (last), labels, questions and headings in between."""
+    assert recognise_documents([Segment.text("Be brief.\n\nWhere is it?")]) == []
+    text = ("You help.\n\n# Tools\n\nUse the context below:\n\n" + SHORT[0] + "\n\nIs it in Rome?\n\n"
+            + SHORT[1] + "\n\nQuestion: where?")
+    assert recognise_documents([Segment.text(text)]) == [SHORT[0], SHORT[1]]
+    assert recognise_documents([Segment.text("Answer this:\nWhere is it?\n\nThanks")]) == []
+
+
+def test_no_nothing_reused_warning_for_prompts_without_documents(caplog):
+    """Tool calls and structured output over a bare question could reuse nothing: not counted."""
+    e = tiny_engine("llama", write_behind=False)
+    with caplog.at_level(logging.WARNING, logger="kvboost_rag"):
+        for _ in range(5):
+            e.generate("What is the capital of France? Answer in one word.", max_new_tokens=1)
+            e.generate(e.chat_segments([{"role": "user", "content": "Give me a city."}]), max_new_tokens=1)
+    assert not [r for r in caplog.records if "reused no stored KV" in r.getMessage()]
+    with caplog.at_level(logging.WARNING, logger="kvboost_rag"):  # documents present, write-behind off: warned
+        for i in range(4):
+            e.generate(retrieval_qa([SHORT[i % 3], LONG[i]]), max_new_tokens=1)
+    assert len([r for r in caplog.records if "reused no stored KV" in r.getMessage()]) == 1
+
+
+def test_short_documents_of_a_flat_prompt_are_reused_on_second_use():
+    e = tiny_engine("llama", store=MemoryStore())
+    prompt = retrieval_qa(SHORT)
+    first = e.generate(prompt, max_new_tokens=1)
+    assert first.reused_tokens == 0
+    assert e.flush_write_behind(timeout=60)
+    second = e.generate(prompt, max_new_tokens=1)
+    assert second.reused_tokens > 0 and second.extra["documents_reused"] == len(SHORT)
 
 
 def test_a_script_that_exits_while_a_document_is_queued_exits_cleanly(tmp_path):

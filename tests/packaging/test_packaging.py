@@ -4,7 +4,8 @@
 ``langchain-kvboost`` ships ``langchain_kvboost``; ``llama-index-llms-kvboost`` ships the
 namespace package ``llama_index/llms/kvboost`` with no ``llama_index/__init__.py`` and no
 ``llama_index/llms/__init__.py`` (it must not shadow llama-index-core). Both integrations require
-``kvboost-rag`` as a plain requirement (no PEP 508 direct reference, which PyPI refuses).
+``kvboost-rag[structured]`` as a plain requirement (no PEP 508 direct reference, which PyPI
+refuses). Every distribution declares its license as an SPDX string and ships ``py.typed``.
 
 Marked ``slow`` (about 30 s: three wheel builds, no network: ``--no-build-isolation`` uses this
 environment's setuptools). ``make test`` runs it. The full fresh-virtualenv install (torch
@@ -64,6 +65,8 @@ def test_core_wheel_ships_no_integration(wheels):
     requires = meta.get_all("Requires-Dist")
     assert not any(r.startswith(("langchain-kvboost", "llama-index-llms-kvboost")) for r in requires)
     assert "kvboost_rag/frameworks/options.py" in names
+    assert "kvboost_rag/py.typed" in names  # PEP 561: type checkers read the annotations
+    assert meta["License-Expression"] == "Apache-2.0"  # an SPDX string, not the deprecated table
 
 
 def test_langchain_wheel(wheels):
@@ -72,9 +75,29 @@ def test_langchain_wheel(wheels):
     assert "langchain_kvboost/py.typed" in names and not any("tests/" in n for n in names)
     assert meta["Name"] == "langchain-kvboost" and meta["Version"] == "0.1.0"
     requires = [r.replace(" ", "") for r in meta.get_all("Requires-Dist")]
-    assert "kvboost-rag<0.2,>=0.1.0" in requires and "langchain-core<1.8,>=1.0" in requires
+    # the core's structured extra (outlines-core): with_structured_output works after a plain install
+    assert "kvboost-rag[structured]<0.2,>=0.1.0" in requires and "langchain-core<1.8,>=1.0" in requires
     assert not any("@" in r for r in requires)  # no direct reference: uploadable to PyPI
     assert any(r.startswith("langchain-tests") and 'extra=="test"' in r for r in requires)
+
+
+def test_every_distribution_declares_an_spdx_license(wheels):
+    """setuptools deprecates ``project.license`` as a table (it warns on every build): SPDX strings."""
+    for source in DISTRIBUTIONS.values():
+        text = (source / "pyproject.toml").read_text()
+        assert 'license = "Apache-2.0"' in text and "license = {" not in text
+
+
+def test_integration_test_runs_hide_no_deprecation_and_print_no_benchmark_table():
+    """No blanket DeprecationWarning filter (a third-party warning is filtered narrowly, by
+    category and module, with a comment naming it); langchain-tests' pytest-benchmark is quiet."""
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+
+    for name in ("langchain_kvboost", "llama_index_llms_kvboost"):
+        options = tomllib.loads((DISTRIBUTIONS[name] / "pyproject.toml").read_text())["tool"]["pytest"]["ini_options"]
+        assert all("DeprecationWarning" not in f and f.count(":") >= 3 for f in options.get("filterwarnings", [])), name
+    langchain = tomllib.loads((DISTRIBUTIONS["langchain_kvboost"] / "pyproject.toml").read_text())
+    assert "--benchmark-disable" in langchain["tool"]["pytest"]["ini_options"]["addopts"]
 
 
 def test_llama_index_wheel_is_a_namespace_package(wheels):
@@ -85,7 +108,7 @@ def test_llama_index_wheel_is_a_namespace_package(wheels):
     assert all(n.startswith("llama_index/llms/kvboost/") for n in names if n.startswith("llama_index/"))
     assert meta["Name"] == "llama-index-llms-kvboost" and meta["Version"] == "0.1.0"
     requires = [r.replace(" ", "") for r in meta.get_all("Requires-Dist")]
-    assert "kvboost-rag<0.2,>=0.1.0" in requires and "llama-index-core<0.15,>=0.14" in requires
+    assert "kvboost-rag[structured]<0.2,>=0.1.0" in requires and "llama-index-core<0.15,>=0.14" in requires
     assert not any("@" in r for r in requires)
 
 

@@ -35,6 +35,7 @@ from kvboost_rag.errors import InvalidConfigError, InvalidInputError
 
 from ._base import KVBoostParams, check_batch_config, response_metadata, usage_metadata
 from .documents import is_document_block
+from .retrieved import retrieved_documents
 
 _MEDIA_BLOCKS = {"image", "image_url", "audio", "input_audio", "video", "file"}
 
@@ -77,6 +78,16 @@ def message_to_engine(message: BaseMessage) -> dict:
         if message.name:
             out["name"] = message.name
     return out
+
+
+def _json_schema_or_none(schema: Any) -> Optional[dict]:
+    """``schema`` as a JSON schema, or None when it is none (``json_mode`` without a usable schema)."""
+    if schema is None:
+        return None
+    try:
+        return convert_to_json_schema(schema)
+    except Exception:
+        return None
 
 
 def _lc_tool_calls(calls: Sequence[Any]) -> list[dict]:
@@ -145,8 +156,11 @@ class ChatKVBoost(BaseChatModel, KVBoostParams):
 
     # -- translation -------------------------------------------------------------------------
     def _prepare(self, messages: Sequence[BaseMessage], stop: Optional[list[str]],
-                 kwargs: dict) -> tuple[TokenStream, Optional[ToolTurn]]:
+                 kwargs: dict, run_manager: Any = None) -> tuple[TokenStream, Optional[ToolTurn]]:
         """The engine stream of one call and, when tools are bound, how to read calls back.
+
+        Documents the chain retrieved (or was given) and pasted into the prompt's text are
+        handed over as document segments (:mod:`langchain_kvboost.retrieved`).
 
         ``tools`` / ``tool_choice`` (from :meth:`bind_tools`): rendered by the chat template; a
         forcing ``tool_choice`` decodes the call under a JSON-schema constraint.
@@ -167,13 +181,19 @@ class ChatKVBoost(BaseChatModel, KVBoostParams):
                 raise ValueError("ChatKVBoost: give tools or response_format, not both (with_structured_output "
                                  "uses one of them)")
             turn = prepare_tool_turn(engine, engine_messages, tools, tool_choice)
-            return engine.stream(turn.segments, **integration.constrained_kwargs(gen_kwargs, turn.constraint)), turn
+            turn.segments = integration.mark_documents(turn.segments, retrieved_documents(run_manager), engine)
+            return engine.stream(turn.segments, **integration.constrained_kwargs(gen_kwargs, turn.constraint, engine=engine,
+                                                                           prompt=turn.segments)), turn
         if tool_choice not in (None, "auto", "none"):
             raise InvalidConfigError(f"ChatKVBoost: tool_choice={tool_choice!r} without tools; bind them with "
                                      "bind_tools([...], tool_choice=...)")
-        # warmed documents pasted into text (stock chains) are detected by the engine
         prompt = engine.chat_segments(engine_messages)
-        return engine.stream(prompt, **integration.constrained_kwargs(gen_kwargs, constraint)), None
+        documents = retrieved_documents(run_manager)
+        if documents:  # the chain's documents, pasted into the text: document segments
+            prompt = integration.mark_documents(prompt, documents, engine)
+        # otherwise documents pasted into text are found by the engine (stored ones) and write-behind
+        return engine.stream(prompt, **integration.constrained_kwargs(gen_kwargs, constraint, engine=engine,
+                                                                      prompt=prompt)), None
 
     def _chat_result(self, result: Any, turn: Optional[ToolTurn] = None) -> ChatResult:
         content, tool_calls = result.text, []
@@ -243,7 +263,7 @@ class ChatKVBoost(BaseChatModel, KVBoostParams):
                   run_manager: Optional[CallbackManagerForLLMRun] = None, **kwargs: Any) -> ChatResult:
         if self.streaming:
             return generate_from_stream(self._stream(messages, stop, run_manager, **kwargs))
-        stream, turn = self._prepare(messages, stop, kwargs)
+        stream, turn = self._prepare(messages, stop, kwargs, run_manager)
         for delta in stream:
             if run_manager:
                 run_manager.on_llm_new_token(delta)
@@ -251,7 +271,7 @@ class ChatKVBoost(BaseChatModel, KVBoostParams):
 
     def _stream(self, messages: list[BaseMessage], stop: Optional[list[str]] = None,
                 run_manager: Optional[CallbackManagerForLLMRun] = None, **kwargs: Any) -> Iterator[ChatGenerationChunk]:
-        stream, turn = self._prepare(messages, stop, kwargs)
+        stream, turn = self._prepare(messages, stop, kwargs, run_manager)
         reader = self._reader(turn)
         for delta in stream:
             for chunk in self._delta_chunks(reader, delta):
@@ -266,15 +286,15 @@ class ChatKVBoost(BaseChatModel, KVBoostParams):
         yield last
 
     # -- async: the engine runs in a worker thread, the event loop only awaits a queue ---------
-    async def _aprepare(self, messages, stop, kwargs) -> tuple[TokenStream, Optional[ToolTurn]]:
+    async def _aprepare(self, messages, stop, kwargs, run_manager=None) -> tuple[TokenStream, Optional[ToolTurn]]:
         await self.aload_engine()  # a lazy load takes seconds: keep it off the event loop
-        return self._prepare(messages, stop, kwargs)
+        return self._prepare(messages, stop, kwargs, run_manager)
 
     async def _agenerate(self, messages: list[BaseMessage], stop: Optional[list[str]] = None,
                          run_manager: Optional[AsyncCallbackManagerForLLMRun] = None, **kwargs: Any) -> ChatResult:
         if self.streaming:
             return await agenerate_from_stream(self._astream(messages, stop, run_manager, **kwargs))
-        stream, turn = await self._aprepare(messages, stop, kwargs)
+        stream, turn = await self._aprepare(messages, stop, kwargs, run_manager)
         async for delta in stream:
             if run_manager:
                 await run_manager.on_llm_new_token(delta)
@@ -283,7 +303,7 @@ class ChatKVBoost(BaseChatModel, KVBoostParams):
     async def _astream(self, messages: list[BaseMessage], stop: Optional[list[str]] = None,
                        run_manager: Optional[AsyncCallbackManagerForLLMRun] = None,
                        **kwargs: Any) -> AsyncIterator[ChatGenerationChunk]:
-        stream, turn = await self._aprepare(messages, stop, kwargs)
+        stream, turn = await self._aprepare(messages, stop, kwargs, run_manager)
         reader = self._reader(turn)
         async for delta in stream:
             for chunk in self._delta_chunks(reader, delta):
@@ -336,12 +356,13 @@ class ChatKVBoost(BaseChatModel, KVBoostParams):
                                **kwargs: Any) -> Runnable[LanguageModelInput, Union[dict, Any]]:
         """A runnable whose output is an instance of ``schema`` (pydantic class -> instance;
         TypedDict / JSON schema -> dict). Every method decodes under a constraint, so the output
-        always parses (``max_tokens`` must leave room for the whole object, else
-        :class:`kvboost_rag.errors.StructuredOutputError`).
+        always parses; its token budget is the larger of ``max_tokens`` and what the schema needs
+        (:func:`kvboost_rag.frameworks.options.structured_budget`), so a small ``max_tokens`` does
+        not cut the object.
 
         ``method``: ``"json_schema"`` (default; the answer is constrained to the schema, works with
-        every model), ``"json_mode"`` (the answer is constrained to some JSON object, then
-        validated against ``schema``; the prompt should describe the keys), ``"function_calling"``
+        every model), ``"json_mode"`` (the same constraint when ``schema`` is a pydantic class, a
+        TypedDict or a JSON schema; any JSON object otherwise), ``"function_calling"``
         (``schema`` is bound as a tool and its call forced; needs a chat template with tool support,
         otherwise :class:`kvboost_rag.errors.ToolsNotSupportedError` is raised when called; there is
         no silent fallback: use ``"json_schema"`` for such models, it gives the same guarantee).
@@ -361,8 +382,10 @@ class ChatKVBoost(BaseChatModel, KVBoostParams):
             parser: Runnable = (PydanticToolsParser(tools=[schema], first_tool_only=True) if is_pydantic
                                 else JsonOutputKeyToolsParser(key_name=name, first_tool_only=True))
         elif method in ("json_schema", "json_mode"):
-            if method == "json_schema":
-                json_schema = convert_to_json_schema(schema)
+            # json_mode with a schema: constrained to that schema too (any JSON object only when the
+            # schema cannot be read as one), so the parser never meets an object it refuses
+            json_schema = _json_schema_or_none(schema) if method == "json_mode" else convert_to_json_schema(schema)
+            if json_schema is not None:
                 response_format = {"type": "json_schema",
                                    "json_schema": {"name": json_schema.get("title", "output"), "schema": json_schema}}
             else:

@@ -15,6 +15,7 @@ from kvboost_rag.frameworks import options as integration
 from kvboost_rag.serve.streaming import TokenStream
 
 from ._base import KVBoostParams, check_batch_config, response_metadata, usage_metadata
+from .retrieved import retrieved_documents
 
 
 class KVBoostLLM(BaseLLM, KVBoostParams):
@@ -52,7 +53,7 @@ class KVBoostLLM(BaseLLM, KVBoostParams):
         check_batch_config(config)
         return await super().abatch(inputs, config, **kwargs)
 
-    def _prepare(self, prompt: str, stop: Optional[list[str]], kwargs: dict) -> TokenStream:
+    def _prepare(self, prompt: str, stop: Optional[list[str]], kwargs: dict, run_manager: Any = None) -> TokenStream:
         """The engine stream of one prompt. ``response_format`` (``.bind(response_format=...)`` or a
         call argument; ``{"type": "json_object"}``, ``{"type": "json_schema", "json_schema":
         {"schema": ...}}``, a JSON schema or a pydantic class) constrains the answer as in
@@ -65,7 +66,10 @@ class KVBoostLLM(BaseLLM, KVBoostParams):
         engine = self.load_engine()
         if self.chat_template:
             prompt = engine.chat_segments([{"role": "user", "content": prompt}])
-        return engine.stream(prompt, **integration.constrained_kwargs(gen_kwargs, constraint))
+        documents = retrieved_documents(run_manager)  # the chain's documents pasted into the prompt
+        if documents:
+            prompt = integration.mark_documents(prompt, documents, engine)
+        return engine.stream(prompt, **integration.constrained_kwargs(gen_kwargs, constraint, engine=engine, prompt=prompt))
 
     def _generation(self, result: Any) -> Generation:
         info = response_metadata(result, self.model_label)
@@ -88,7 +92,7 @@ class KVBoostLLM(BaseLLM, KVBoostParams):
                   run_manager: Optional[CallbackManagerForLLMRun] = None, **kwargs: Any) -> LLMResult:
         results = []
         for prompt in prompts:
-            stream = self._prepare(prompt, stop, kwargs)
+            stream = self._prepare(prompt, stop, kwargs, run_manager)
             for delta in stream:
                 if run_manager:
                     run_manager.on_llm_new_token(delta)
@@ -97,7 +101,7 @@ class KVBoostLLM(BaseLLM, KVBoostParams):
 
     def _stream(self, prompt: str, stop: Optional[list[str]] = None,
                 run_manager: Optional[CallbackManagerForLLMRun] = None, **kwargs: Any) -> Iterator[GenerationChunk]:
-        stream = self._prepare(prompt, stop, kwargs)
+        stream = self._prepare(prompt, stop, kwargs, run_manager)
         for delta in stream:
             chunk = GenerationChunk(text=delta)
             if run_manager:
@@ -105,15 +109,16 @@ class KVBoostLLM(BaseLLM, KVBoostParams):
             yield chunk
         yield GenerationChunk(text="", generation_info=self._generation(stream.result).generation_info)
 
-    async def _aprepare(self, prompt: str, stop: Optional[list[str]], kwargs: dict) -> TokenStream:
+    async def _aprepare(self, prompt: str, stop: Optional[list[str]], kwargs: dict,
+                        run_manager: Any = None) -> TokenStream:
         await self.aload_engine()  # a lazy load takes seconds: keep it off the event loop
-        return self._prepare(prompt, stop, kwargs)
+        return self._prepare(prompt, stop, kwargs, run_manager)
 
     async def _agenerate(self, prompts: list[str], stop: Optional[list[str]] = None,
                          run_manager: Optional[AsyncCallbackManagerForLLMRun] = None, **kwargs: Any) -> LLMResult:
         results = []
         for prompt in prompts:
-            stream = await self._aprepare(prompt, stop, kwargs)
+            stream = await self._aprepare(prompt, stop, kwargs, run_manager)
             async for delta in stream:
                 if run_manager:
                     await run_manager.on_llm_new_token(delta)
@@ -123,7 +128,7 @@ class KVBoostLLM(BaseLLM, KVBoostParams):
     async def _astream(self, prompt: str, stop: Optional[list[str]] = None,
                        run_manager: Optional[AsyncCallbackManagerForLLMRun] = None,
                        **kwargs: Any) -> AsyncIterator[GenerationChunk]:
-        stream = await self._aprepare(prompt, stop, kwargs)
+        stream = await self._aprepare(prompt, stop, kwargs, run_manager)
         async for delta in stream:
             chunk = GenerationChunk(text=delta)
             if run_manager:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from kvboost_rag.testing.integration import check_fresh_install
+from kvboost_rag.testing.integration import TINY_ENGINE_CHECK, check_fresh_install
 
 pytestmark = pytest.mark.slow
 
@@ -28,7 +28,11 @@ REPO = DIST.parents[1]
 def test_installs_into_a_fresh_virtualenv_with_the_core_from_the_repository(tmp_path):
     timings = check_fresh_install(
         DIST, tmp_path, distribution="llama-index-llms-kvboost", module="llama_index.llms.kvboost",
-        extra_check="from llama_index.llms.kvboost import KVBoostLLM\n"
+        # structured output after a plain install: outlines-core comes with the core's `structured` extra
+        extra_check=TINY_ENGINE_CHECK + "from llama_index.llms.kvboost import KVBoostLLM\n"
                     "from llama_index.core.llms.function_calling import FunctionCallingLLM\n"
-                    "assert issubclass(KVBoostLLM, FunctionCallingLLM)")
+                    "from llama_index.core.prompts import PromptTemplate\n"
+                    "assert issubclass(KVBoostLLM, FunctionCallingLLM)\n"
+                    "llm = KVBoostLLM(engine=engine, max_new_tokens=3)\n"
+                    "assert isinstance(llm.structured_predict(City, PromptTemplate('A city near {p}.'), p='Lyon'), City)")
     print("timings (s):", timings)

@@ -154,3 +154,41 @@ def test_default_compact_query_engine_reuses_by_detection(tiny_engine, docs):
     with TelemetryRecorder() as rec:
         index.as_query_engine(llm=llm, similarity_top_k=3).query("What is a dictionary?")
     assert len(rec.records) == 1 and rec.records[0]["reused_tokens"] > 0
+
+
+# -- no warm step: a stock query engine's nodes are stored on first use, reused on the second ------
+SHORT_DOCS = [  # 125-221 characters
+    "The Colosseum is an elliptical amphitheatre in the centre of Rome, Italy. Built of travertine "
+    "limestone, it could hold 50,000 spectators.",
+    "Paris is the capital and largest city of France. It lies on the Seine river, in the north of the "
+    "country, and is known for the Eiffel Tower and the Louvre.",
+]
+LONG_DOCS = [SHORT_DOCS[0] + " " + SHORT_DOCS[1], SHORT_DOCS[1] + " " + SHORT_DOCS[0]]
+
+
+@pytest.mark.parametrize("texts", [SHORT_DOCS, LONG_DOCS], ids=["short", "long"])
+@pytest.mark.parametrize("metadata", [{}, {"file_name": "notes.txt"}], ids=["text", "with-metadata"])
+def test_stock_query_engine_reuses_its_nodes_on_the_second_query(tiny_engine, texts, metadata):
+    """No warmer: the compact synthesizer's flat prompt holds the retrieved nodes; they are stored
+    after the first query (as the synthesizer renders them) and reused by the second."""
+    llm = KVBoostLLM(engine=tiny_engine, max_new_tokens=2)
+    index = VectorStoreIndex.from_documents([Document(text=t, metadata=metadata) for t in texts], embed_model=EMBED)
+    engine = index.as_query_engine(llm=llm, similarity_top_k=len(texts))
+    first = engine.query("Where is the Colosseum?")
+    assert first.metadata["kvboost"]["documents"] == len(texts) and first.metadata["kvboost"]["reused_tokens"] == 0
+    assert tiny_engine.flush_write_behind(timeout=60)
+    second = engine.query("Where is the Colosseum?")
+    assert second.metadata["kvboost"]["documents_reused"] == len(texts)
+    assert second.metadata["kvboost"]["reused_tokens"] > 0
+
+
+async def test_async_query_engine_reuses_its_nodes_without_warming(tiny_engine):
+    llm = KVBoostLLM(engine=tiny_engine, max_new_tokens=2)
+    index = VectorStoreIndex.from_documents([Document(text=t) for t in SHORT_DOCS], embed_model=EMBED)
+    engine = index.as_query_engine(llm=llm, similarity_top_k=2)
+    await engine.aquery("Where?")
+    assert tiny_engine.flush_write_behind(timeout=60)
+    again = await engine.aquery("Where?")
+    assert again.metadata["kvboost"]["documents_reused"] == 2
+    plain = llm.complete("Where is the Colosseum?")  # outside a query: no retrieved nodes
+    assert plain.additional_kwargs["documents"] == 0

@@ -43,3 +43,51 @@ def test_query_engine_metadata_with_the_real_model(real_engine):
         "What is the capital of France?")
     assert str(response).strip()
     assert response.metadata["kvboost"]["reused_tokens"] > 0 and response.metadata["kvboost"]["ttft_s"] > 0
+
+
+def test_function_agent_on_smollm2_says_which_model_to_use(real_engine):
+    """LlamaIndex alone says "LLM must be a FunctionCallingLLM"; the error names the model and the
+    one to use instead."""
+    import asyncio
+
+    from llama_index.core.agent.workflow import FunctionAgent
+    from llama_index.core.tools import FunctionTool
+
+    from kvboost_rag.errors import ToolsNotSupportedError
+    from llama_index.llms.kvboost import KVBoostLLM
+
+    def headcount(office: str) -> int:
+        """Number of people working in an office."""
+        return 42
+
+    agent = FunctionAgent(tools=[FunctionTool.from_defaults(fn=headcount)], llm=KVBoostLLM(engine=real_engine))
+    with pytest.raises(ToolsNotSupportedError) as err:
+        async def run():
+            return await agent.run(user_msg="How many people work in Berlin?")
+
+        asyncio.run(run())
+    message = str(err.value)
+    assert message.startswith("SmolLM2-135M-Instruct's chat template has no tools"), message
+    assert "'qwen2.5-coder-0.5b'" in message and "`make models`" in message
+
+
+def test_structured_predict_is_not_cut_by_a_small_max_new_tokens(real_engine):
+    """SmolLM2 writes this object in 75 tokens: at max_new_tokens=48 structured_predict used to
+    raise StructuredOutputError; the budget is now the larger of the limit and what the schema needs."""
+    from llama_index.core.prompts import PromptTemplate
+    from pydantic import BaseModel
+
+    from llama_index.llms.kvboost import KVBoostLLM, TelemetryRecorder
+
+    class Answer(BaseModel):
+        """An answer to a question, with the reason."""
+
+        answer: str
+        reason: str
+
+    llm = KVBoostLLM(engine=real_engine, max_new_tokens=48)
+    with TelemetryRecorder() as rec:
+        out = llm.structured_predict(Answer, PromptTemplate("Answer the question: {q}"),
+                                     q="Why do leaves change colour in autumn?")
+    assert isinstance(out, Answer) and out.reason
+    assert rec.records[-1]["completion_tokens"] > 48

@@ -93,8 +93,23 @@ def test_tools_without_tool_template_raise_naming_the_model():
     from kvboost_rag.errors import ToolsNotSupportedError
 
     llm = KVBoostLLM(engine=make_tiny_engine(), max_new_tokens=5)
-    with pytest.raises(ToolsNotSupportedError, match="no tool support"):
+    with pytest.raises(ToolsNotSupportedError, match="tiny-random-llama's chat template has no tools.*qwen2.5-coder-0.5b"):
         llm.chat_with_tools([add_tool([])], user_msg="hi", tool_required=True)
+
+
+def test_a_function_agent_over_a_model_without_tools_says_what_to_use():
+    """LlamaIndex itself says only "LLM must be a FunctionCallingLLM"."""
+    from kvboost_rag.errors import ToolsNotSupportedError
+
+    llm = KVBoostLLM(engine=make_tiny_engine(), max_new_tokens=5)
+    assert not llm.metadata.is_function_calling_model  # AgentWorkflow picks a ReActAgent for it
+    agent = FunctionAgent(tools=[add_tool([])], llm=llm)
+    with pytest.raises(ToolsNotSupportedError, match="tiny-random-llama's chat template has no tools.*"
+                                                     "'qwen2.5-coder-0.5b'.*make models"):
+        async def run():
+            return await agent.run(user_msg="add 1 and 2")
+
+        asyncio.run(run())
 
 
 def test_structured_predict_returns_an_instance(engine):

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from kvboost_rag.testing.integration import check_fresh_install
+from kvboost_rag.testing.integration import TINY_ENGINE_CHECK, check_fresh_install
 
 pytestmark = pytest.mark.slow
 
@@ -26,6 +26,10 @@ REPO = DIST.parents[1]
 @pytest.mark.skipif(not (REPO / "pyproject.toml").is_file() or not (REPO / "kvboost_rag").is_dir(),
                     reason="not inside the kvboost-rag repository")
 def test_installs_into_a_fresh_virtualenv_with_the_core_from_the_repository(tmp_path):
-    timings = check_fresh_install(DIST, tmp_path, distribution="langchain-kvboost", module="langchain_kvboost",
-                                  extra_check="from langchain_kvboost import ChatKVBoost, KVBoostLLM")
+    # structured output after a plain install: outlines-core comes with the core's `structured` extra
+    timings = check_fresh_install(
+        DIST, tmp_path, distribution="langchain-kvboost", module="langchain_kvboost",
+        extra_check=TINY_ENGINE_CHECK + "from langchain_kvboost import ChatKVBoost, KVBoostLLM\n"
+        "assert isinstance(ChatKVBoost(engine=engine, max_tokens=3).with_structured_output(City).invoke('a city'), City)\n"
+        "City.model_validate_json(KVBoostLLM(engine=engine, max_tokens=3).invoke('a city', response_format=City))")
     print("timings (s):", timings)

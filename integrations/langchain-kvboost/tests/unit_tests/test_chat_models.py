@@ -12,6 +12,7 @@ from langchain_core.documents import Document
 from langchain_core.language_models._utils import _normalize_messages
 from langchain_core.messages import AIMessage, AIMessageChunk, HumanMessage, SystemMessage
 from langchain_core.prompts import ChatPromptTemplate, MessagesPlaceholder, PromptTemplate
+from langchain_core.retrievers import BaseRetriever
 from langchain_core.runnables import RunnableLambda, RunnablePassthrough
 
 from kvboost_rag.testing.integration import SlowEngine, drain_while_ticking
@@ -142,6 +143,80 @@ def test_llm_flat_prompt_reuses_warmed_documents(tiny_engine, docs):
     templated = KVBoostLLM(engine=tiny_engine, max_tokens=2, chat_template=True).generate([docs[1] + " Why?"])
     assert templated.generations[0][0].generation_info["reused_tokens"] > 0
     assert templated.llm_output["token_usage"]["cache_read_tokens"] > 0
+
+
+# -- no warm step: a stock chain's documents are stored on first use, reused on the second ---------
+SHORT_DOCS = [  # 125-221 characters, as in the issue
+    "The Colosseum is an elliptical amphitheatre in the centre of Rome, Italy. Built of travertine "
+    "limestone, it could hold 50,000 spectators.",
+    "Paris is the capital and largest city of France. It lies on the Seine river, in the north of the "
+    "country, and is known for the Eiffel Tower and the Louvre.",
+    "A tuple in Python is an immutable sequence: once created its items cannot be changed, which makes "
+    "tuples hashable and usable as dictionary keys and set members when their items are hashable too.",
+]
+LONG_DOCS = [SHORT_DOCS[0] + " " + SHORT_DOCS[1], SHORT_DOCS[2] + " " + SHORT_DOCS[1]]  # over 250 characters
+
+
+class _ListRetriever(BaseRetriever):
+    """A retriever returning fixed documents (what a vector store's retriever hands the chain)."""
+
+    docs: list
+
+    def _get_relevant_documents(self, query, *, run_manager=None):
+        return [Document(page_content=d) for d in self.docs]
+
+
+def _format_docs(docs):
+    return "\n\n".join(d.page_content for d in docs)
+
+
+def _lcel_chain(model, texts):
+    prompt = ChatPromptTemplate.from_template(
+        "Answer the question based only on the following context:\n{context}\n\nQuestion: {question}")
+    return {"context": _ListRetriever(docs=texts) | _format_docs, "question": RunnablePassthrough()} | prompt | model
+
+
+@pytest.mark.parametrize("texts", [SHORT_DOCS, LONG_DOCS], ids=["short", "long"])
+def test_stock_lcel_chain_reuses_its_documents_on_the_second_call(tiny_engine, texts):
+    """No warm step: the first call stores the chain's documents (the retriever's output, found in
+    the flat prompt), the second reuses all of them, short or long."""
+    chain = _lcel_chain(ChatKVBoost(engine=tiny_engine, max_tokens=2), texts)
+    first = chain.invoke("Where is the Colosseum?")
+    assert first.response_metadata["documents"] == len(texts) and _reused(first) == 0
+    assert tiny_engine.flush_write_behind(timeout=60)
+    second = chain.invoke("Where is the Colosseum?")
+    assert _reused(second) > 0 and second.response_metadata["documents_reused"] == len(texts)
+
+
+async def test_stock_chains_reuse_documents_without_warming_async_and_llm(tiny_engine):
+    """The async path, ``create_stuff_documents_chain`` (documents given as input) and the text LLM."""
+    chat = ChatKVBoost(engine=tiny_engine, max_tokens=2)
+    prompt = ChatPromptTemplate.from_messages([("system", "Answer from the context:\n\n{context}"),
+                                               ("human", "{input}")])
+    stuff = create_stuff_documents_chain(chat, prompt, output_parser=RunnableLambda(lambda m: m))
+    documents = [Document(page_content=d) for d in SHORT_DOCS]
+    await stuff.ainvoke({"context": documents, "input": "Where?"})
+    assert tiny_engine.flush_write_behind(timeout=60)
+    again = await stuff.ainvoke({"context": documents[::-1], "input": "Where?"})
+    assert again.response_metadata["documents_reused"] == len(SHORT_DOCS)
+    llm = KVBoostLLM(engine=tiny_engine, max_tokens=2)
+    flat = PromptTemplate.from_template("Context:\n{context}\n\nQuestion: {question}\nAnswer:")
+    chain = {"context": _ListRetriever(docs=LONG_DOCS[:2]) | _format_docs, "question": RunnablePassthrough()} | flat | llm
+    chain.invoke("Where?")
+    assert tiny_engine.flush_write_behind(timeout=60)
+    result = (flat | llm.bind()).invoke({"context": "x", "question": "y"})  # no documents: nothing marked
+    assert isinstance(result, str)
+    generation = llm.generate(["Context:\n" + LONG_DOCS[0] + "\n\nQuestion: Where?"]).generations[0][0]
+    assert generation.generation_info["reused_tokens"] > 0  # stored by the chain's first call
+
+
+def test_a_model_outside_any_chain_sees_no_retrieved_documents(tiny_engine):
+    from langchain_kvboost.retrieved import RETRIEVED
+
+    _lcel_chain(ChatKVBoost(engine=tiny_engine, max_tokens=1), SHORT_DOCS).invoke("Where?")
+    assert RETRIEVED._docs == {} and RETRIEVED._parent == {}  # every run ended: nothing kept
+    plain = ChatKVBoost(engine=tiny_engine, max_tokens=1).invoke("Where is the Colosseum?")
+    assert plain.response_metadata["documents"] == 0
 
 
 # -- streaming, callbacks, parameters --------------------------------------------------------

@@ -12,15 +12,12 @@ from typing import Any
 
 from langchain_tests.unit_tests import ChatModelUnitTests
 
-from langchain_kvboost import ChatKVBoost
 from kvboost_rag.testing.integration import shared_tools_engine
 
+from ..standard_traits import WithTools
 
-class TestChatKVBoostUnit(ChatModelUnitTests):
-    @property
-    def chat_model_class(self) -> type[ChatKVBoost]:
-        return ChatKVBoost
 
+class TestChatKVBoostUnit(WithTools, ChatModelUnitTests):
     @property
     def chat_model_params(self) -> dict[str, Any]:
         return {"engine": shared_tools_engine()}
@@ -32,26 +29,6 @@ class TestChatKVBoostUnit(ChatModelUnitTests):
         params = super().standard_chat_model_params
         params.pop("api_key", None)
         return params
-
-    @property
-    def supports_model_override(self) -> bool:
-        return False  # one loaded model per engine
-
-    @property
-    def has_tool_calling(self) -> bool:
-        return True
-
-    @property
-    def has_tool_choice(self) -> bool:
-        return True
-
-    @property
-    def has_structured_output(self) -> bool:
-        return True
-
-    @property
-    def structured_output_kwargs(self) -> dict:
-        return {"method": "json_schema"}
 
     @property
     def supports_json_mode(self) -> bool:

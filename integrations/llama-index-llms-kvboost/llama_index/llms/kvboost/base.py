@@ -10,6 +10,7 @@ engines, in ``Response.metadata["kvboost"]`` (see :mod:`.telemetry`).
 """
 from __future__ import annotations
 
+import functools
 import json
 from typing import TYPE_CHECKING, Any, AsyncGenerator, Dict, Generator, List, Optional, Sequence, Type, Union
 
@@ -37,11 +38,11 @@ from llama_index.core.llms.function_calling import FunctionCallingLLM
 from llama_index.core.llms.llm import ToolSelection
 
 from kvboost_rag.frameworks import options as integration
-from kvboost_rag.errors import InvalidConfigError
+from kvboost_rag.errors import InvalidConfigError, ToolsNotSupportedError
 from kvboost_rag.serve.streaming import TokenStream
 from kvboost_rag.frameworks.tool_calls import ToolCallStream, ToolTurn, prepare_tool_turn
-from kvboost_rag.prompt.tools import supports_tools
-from llama_index.llms.kvboost.telemetry import current_sinks, deliver, install_response_metadata
+from kvboost_rag.prompt.tools import supports_tools, tools_unsupported_message
+from llama_index.llms.kvboost.telemetry import current_sinks, deliver, install_response_metadata, retrieved_documents
 
 if TYPE_CHECKING:
     from llama_index.core.prompts import BasePromptTemplate
@@ -213,6 +214,14 @@ class KVBoostLLM(integration.EngineHolder, FunctionCallingLLM):
                            is_chat_model=True, model_name=self.model_label,
                            is_function_calling_model=supports_tools(self.load_engine().tokenizer))
 
+    def check_tools(self) -> None:
+        """:class:`~kvboost_rag.errors.ToolsNotSupportedError` (saying which model to use instead)
+        when this model's chat template has no tools; checked where LlamaIndex would only say "LLM
+        must be a FunctionCallingLLM" (:func:`install_function_agent_check`)."""
+        engine = self.load_engine()
+        if not supports_tools(engine.tokenizer):
+            raise ToolsNotSupportedError(tools_unsupported_message(self.model_label))
+
     # -- translation ---------------------------------------------------------------------------
     def _gen_kwargs(self, kwargs: dict) -> dict:
         """``engine.stream`` keyword arguments: fields, ``generate_kwargs``, then call arguments."""
@@ -241,18 +250,29 @@ class KVBoostLLM(integration.EngineHolder, FunctionCallingLLM):
             turn = prepare_tool_turn(engine, engine_messages, tools, tool_choice)
             prompt, constraint = turn.segments, turn.constraint
         else:
-            # warmed documents pasted into text (stock synthesizers) are detected by the engine
+            # documents pasted into text: the nodes retrieved for this synthesis, else the engine's
+            # detection of stored texts (and write-behind's recognition of document-like blocks)
             prompt = engine.chat_segments(engine_messages)
-        stream = engine.stream(prompt, **integration.constrained_kwargs(gen_kwargs, constraint))
+        sinks = current_sinks()
+        documents = retrieved_documents(sinks)
+        if documents or turn is not None:
+            prompt = integration.mark_documents(prompt, documents, engine)
+            if turn is not None:
+                turn.segments = prompt
+        stream = engine.stream(prompt, **integration.constrained_kwargs(gen_kwargs, constraint, engine=engine, prompt=prompt))
         stream.tool_turn = turn
-        return stream, current_sinks()
+        return stream, sinks
 
     def _completion_stream(self, prompt: str, formatted: bool, kwargs: dict) -> tuple[TokenStream, tuple]:
         """``formatted=True`` sends the prompt as is; otherwise it is one user turn of the chat template."""
         engine = self.load_engine()
         if not formatted:
             return self._chat_stream([ChatMessage(role=MessageRole.USER, content=prompt)], kwargs)
-        return engine.stream(prompt, **self._gen_kwargs(kwargs)), current_sinks()
+        sinks = current_sinks()
+        documents = retrieved_documents(sinks)
+        if documents:
+            prompt = integration.mark_documents(prompt, documents, engine)
+        return engine.stream(prompt, **self._gen_kwargs(kwargs)), sinks
 
     async def _ensure_loaded(self) -> None:
         await self.aload_engine()  # a lazy load takes seconds: keep it off the event loop
@@ -449,3 +469,31 @@ class KVBoostLLM(integration.EngineHolder, FunctionCallingLLM):
             yield output_cls.model_validate_json(last.message.content)
 
         return gen()
+
+
+def install_function_agent_check() -> None:
+    """``FunctionAgent(llm=KVBoostLLM(...))`` over a model whose chat template has no tools: the
+    agent's step raises :class:`~kvboost_rag.errors.ToolsNotSupportedError` (a ``ValueError``, as
+    LlamaIndex's own error is) naming the model and one that supports tools, where LlamaIndex says
+    only "LLM must be a FunctionCallingLLM". Only KVBoostLLM agents are affected; installed once,
+    on import. (``AgentWorkflow.from_tools_or_functions`` picks a ``ReActAgent`` for such a model,
+    from ``metadata.is_function_calling_model``, which stays the template's truth.)"""
+    try:
+        from llama_index.core.agent.workflow import FunctionAgent
+    except ImportError:  # pragma: no cover - an llama-index-core without workflow agents
+        return
+    original = FunctionAgent.take_step
+    if getattr(original, "_kvboost_tools_check", False):
+        return
+
+    @functools.wraps(original)
+    async def take_step(self, *args: Any, **kwargs: Any):
+        if isinstance(self.llm, KVBoostLLM):
+            self.llm.check_tools()
+        return await original(self, *args, **kwargs)
+
+    take_step._kvboost_tools_check = True
+    FunctionAgent.take_step = take_step
+
+
+install_function_agent_check()

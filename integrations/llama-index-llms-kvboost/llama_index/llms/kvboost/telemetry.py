@@ -14,6 +14,11 @@
   synthesizers start the LLM call only at the first token).
 * :class:`TelemetryRecorder`: every KVBoostLLM chat/completion end event, in order, for code that
   calls the LLM outside a query engine.
+* **Retrieved nodes**: the same handler keeps the texts of the nodes a retrieval returned
+  (``RetrievalEndEvent``) for the synthesis that follows it; KVBoostLLM calls inside that
+  synthesis hand them over as document segments where its flat prompt holds them verbatim
+  (:func:`retrieved_documents`): a stock query engine reuses its documents from the second query
+  on, with no warm step.
 """
 from __future__ import annotations
 
@@ -25,6 +30,7 @@ from llama_index.core.bridge.pydantic import Field
 from llama_index.core.instrumentation import get_dispatcher
 from llama_index.core.instrumentation.event_handlers import BaseEventHandler
 from llama_index.core.instrumentation.events.llm import LLMChatEndEvent, LLMCompletionEndEvent
+from llama_index.core.instrumentation.events.retrieval import RetrievalEndEvent
 from llama_index.core.instrumentation.events.synthesis import SynthesizeEndEvent, SynthesizeStartEvent
 
 METADATA_KEY = "kvboost"
@@ -32,9 +38,11 @@ CALLS_KEY = "kvboost_calls"
 
 
 class _Collector:
-    """Telemetry of the KVBoostLLM calls of one synthesis, and the metadata dicts it goes to."""
+    """Telemetry of the KVBoostLLM calls of one synthesis, and the metadata dicts it goes to;
+    ``documents``: the texts of the nodes retrieved for it (see :func:`retrieved_documents`)."""
 
-    def __init__(self) -> None:
+    def __init__(self, documents: tuple = ()) -> None:
+        self.documents: tuple = documents
         self.records: list[dict] = []
         self.targets: list[dict] = []
         self._lock = threading.Lock()
@@ -58,6 +66,34 @@ class _Collector:
 
 # The open syntheses of this context, innermost last.
 _OPEN: contextvars.ContextVar[tuple] = contextvars.ContextVar("kvboost_open_syntheses", default=())
+# The node texts of the last retrieval in this context, until a synthesis takes them.
+_RETRIEVED: contextvars.ContextVar[tuple] = contextvars.ContextVar("kvboost_retrieved_nodes", default=())
+
+
+def _node_texts(nodes: Any) -> tuple:
+    """What a synthesizer inserts for each node (its content with the LLM's metadata, as
+    ``BaseSynthesizer`` renders it) and its bare text (templates that insert only that)."""
+    from llama_index.core.schema import MetadataMode
+
+    out: list[str] = []
+    for item in nodes or ():
+        node = getattr(item, "node", item)
+        for mode in (MetadataMode.LLM, MetadataMode.NONE):
+            try:
+                text = node.get_content(metadata_mode=mode)
+            except Exception:  # a node type without text
+                continue
+            if isinstance(text, str) and text.strip() and text not in out:
+                out.append(text)
+    return tuple(out)
+
+
+def retrieved_documents(sinks: tuple) -> list[str]:
+    """The texts of the nodes retrieved for the syntheses a KVBoostLLM call runs in (``sinks``:
+    :func:`current_sinks`): a stock query engine retrieves, then synthesizes with a flat prompt;
+    found verbatim in it they are handed over as document segments
+    (:func:`kvboost_rag.frameworks.options.mark_documents`), stored on first use, reused after."""
+    return [t for sink in sinks for t in sink.documents]
 
 
 def current_sinks() -> tuple:
@@ -79,8 +115,11 @@ class _ResponseMetadataHandler(BaseEventHandler):
         return "KVBoostResponseMetadata"
 
     def handle(self, event: Any, **kwargs: Any) -> None:
-        if isinstance(event, SynthesizeStartEvent):
-            _OPEN.set(_OPEN.get() + (_Collector(),))
+        if isinstance(event, RetrievalEndEvent):
+            _RETRIEVED.set(_node_texts(event.nodes))
+        elif isinstance(event, SynthesizeStartEvent):
+            _OPEN.set(_OPEN.get() + (_Collector(_RETRIEVED.get()),))
+            _RETRIEVED.set(())
         elif isinstance(event, SynthesizeEndEvent):
             open_ = _OPEN.get()
             if not open_:
