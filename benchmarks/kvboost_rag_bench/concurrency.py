@@ -18,8 +18,9 @@ load counts), per-token latency p50 ((total - TTFT) / (tokens - 1)), the share o
 in prefills (prefills are part of the work in both modes: sequential runs them between answers,
 the scheduler between decode steps), the decode-phase tokens/s (wall minus prefill time), and how
 many answers are token-for-token those of the sequential baseline. If ``langchain_kvboost`` is
-importable, the same load also runs through ``ChatKVBoost.abatch`` (flat prompts, documents found
-by detection).
+importable, the same load also runs through ``ChatKVBoost.batch`` and ``abatch``, and with
+``llama_index.llms.kvboost``, through ``KVBoostLLM.achat`` (flat prompts, documents found by
+detection), at the highest level.
 """
 from __future__ import annotations
 
@@ -158,7 +159,14 @@ def run_threads(engine, prompts, tokens: int, concurrency: int, reference=None) 
                      extra={"scheduler": {**delta, "max_batch_seen": snap.get("max_batch_seen", 0)}})
 
 
-def run_langchain(engine, cases, tokens: int, concurrency: int, system_prompt: str) -> dict:
+def _framework_row(label: str, tokens_out: int, answers: int, wall: float) -> dict:
+    return {"mode": label, "answers": answers, "output_tokens": tokens_out, "wall_s": round(wall, 3),
+            "tokens_per_s": round(tokens_out / wall, 2), "answers_per_s": round(answers / wall, 3)}
+
+
+def run_langchain(engine, cases, tokens: int, concurrency: int, system_prompt: str) -> list[dict]:
+    """The same load through ``ChatKVBoost.batch`` (LangChain's thread pool) and ``abatch``
+    (asyncio), flat prompts with the documents pasted in (found by detection), as a chain sends them."""
     from langchain_core.messages import HumanMessage, SystemMessage
     from langchain_kvboost import ChatKVBoost
 
@@ -167,13 +175,42 @@ def run_langchain(engine, cases, tokens: int, concurrency: int, system_prompt: s
     inputs = [[SystemMessage(system_prompt),
                HumanMessage("Documents:\n\n" + "\n\n".join(texts) + f"\n\nQuestion: {question}")]
               for texts, question in cases]
+    config = {"max_concurrency": concurrency}
+    rows = []
+    for label, call in ((f"langchain batch x{concurrency}", lambda: chat.batch(inputs, config=config)),
+                        (f"langchain abatch x{concurrency}", lambda: asyncio.run(chat.abatch(inputs, config=config)))):
+        t0 = time.perf_counter()
+        outs = call()
+        wall = time.perf_counter() - t0
+        tokens_out = sum((o.usage_metadata or {}).get("output_tokens", 0) for o in outs)
+        rows.append(_framework_row(label, tokens_out, len(outs), wall))
+    return rows
+
+
+def run_llama_index(engine, cases, tokens: int, concurrency: int, system_prompt: str) -> list[dict]:
+    """The same load through LlamaIndex ``KVBoostLLM.achat``, ``concurrency`` at once (asyncio)."""
+    from llama_index.core.llms import ChatMessage
+    from llama_index.llms.kvboost import KVBoostLLM
+
+    engine.config = engine.config.replace(batching=True)
+    llm = KVBoostLLM(engine=engine, max_new_tokens=tokens)
+    inputs = [[ChatMessage(role="system", content=system_prompt),
+               ChatMessage(role="user", content="Documents:\n\n" + "\n\n".join(texts) + f"\n\nQuestion: {question}")]
+              for texts, question in cases]
+
+    async def main():
+        gate = asyncio.Semaphore(concurrency)
+
+        async def one(messages):
+            async with gate:
+                return await llm.achat(messages)
+        return await asyncio.gather(*(one(m) for m in inputs))
+
     t0 = time.perf_counter()
-    outs = asyncio.run(chat.abatch(inputs, config={"max_concurrency": concurrency}))
+    outs = asyncio.run(main())
     wall = time.perf_counter() - t0
-    tokens_out = sum((o.usage_metadata or {}).get("output_tokens", 0) for o in outs)
-    return {"mode": f"langchain abatch x{concurrency}", "answers": len(outs), "output_tokens": tokens_out,
-            "wall_s": round(wall, 3), "tokens_per_s": round(tokens_out / wall, 2),
-            "answers_per_s": round(len(outs) / wall, 3)}
+    tokens_out = sum(int(o.additional_kwargs.get("completion_tokens", 0)) for o in outs)  # the answer's telemetry
+    return [_framework_row(f"llama-index achat x{concurrency}", tokens_out, len(outs), wall)]
 
 
 def run_levels(engine, cases, levels: Sequence[int], tokens: int, *, rounds: int = 1, langchain: bool = True,
@@ -208,17 +245,18 @@ def run_levels(engine, cases, levels: Sequence[int], tokens: int, *, rounds: int
                 log(format_row(row))
             rows.extend(new)
     if langchain:
-        try:
-            import langchain_kvboost  # noqa: F401
-        except ImportError:
-            log("langchain_kvboost not importable: abatch run skipped")
-        else:
-            row = run_langchain(engine, cases, tokens, max(levels), SYSTEM_PROMPT)
-            base = [r["tokens_per_s"] for r in rows if r["mode"] == "sequential (batching off)"]
-            if base:
-                row["speedup_vs_sequential"] = round(row["tokens_per_s"] / statistics.median(base), 2)
-            log(format_row(row))
-            rows.append(row)
+        base = [r["tokens_per_s"] for r in rows if r["mode"] == "sequential (batching off)"]
+        for module, runner in (("langchain_kvboost", run_langchain), ("llama_index.llms.kvboost", run_llama_index)):
+            try:
+                __import__(module)
+            except ImportError:
+                log(f"{module} not importable: its run is skipped")
+                continue
+            for row in runner(engine, cases, tokens, max(levels), SYSTEM_PROMPT):
+                if base:
+                    row["speedup_vs_sequential"] = round(row["tokens_per_s"] / statistics.median(base), 2)
+                log(format_row(row))
+                rows.append(row)
     return {"prompt_tokens": lengths, "new_tokens": tokens, "rounds": rounds, "rows": rows,
             "summary": summarize_rounds(rows)}
 

@@ -80,6 +80,23 @@ def test_a_tool_loop_ends_in_an_answer_from_the_tool_result():
     assert "42" in final.content and "Berlin" in final.content, final.content
 
 
+def test_structured_output_is_not_cut_by_a_small_max_tokens():
+    """with_structured_output at max_tokens=32 returns a valid object on Qwen too (every method
+    that constrains: json_schema, json_mode with a class, function_calling through a forced call)."""
+    from pydantic import BaseModel, Field
+
+    class Answer(BaseModel):
+        """An answer to a question."""
+
+        answer: str = Field(description="the answer")
+        confidence: float = Field(description="between 0 and 1")
+
+    chat = ChatKVBoost(engine=shared_qwen_engine(), max_tokens=32)
+    for method in ("json_schema", "json_mode", "function_calling"):
+        out = chat.with_structured_output(Answer, method=method, include_raw=True).invoke("Who wrote Romeo and Juliet?")
+        assert isinstance(out["parsed"], Answer) and out["parsing_error"] is None, (method, out["raw"].content)
+
+
 #: The standard suite's tests that exercise tools (the rest run on SmolLM2 in test_standard.py).
 TOOL_TESTS = {
     "test_tool_calling", "test_tool_calling_async", "test_tool_calling_with_no_arguments", "test_tool_choice",

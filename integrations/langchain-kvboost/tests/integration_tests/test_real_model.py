@@ -88,3 +88,30 @@ def test_structured_output_is_not_cut_by_a_small_max_tokens(real_engine):
     # json_mode with a pydantic class: constrained to the class, not to any object
     mode = chat.with_structured_output(Answer, method="json_mode", include_raw=True).invoke("Who wrote Romeo and Juliet?")
     assert isinstance(mode["parsed"], Answer) and mode["parsing_error"] is None
+
+
+def test_stock_chain_over_short_documents_reuses_on_its_second_call(real_engine):
+    """A stock LCEL chain (retriever | format_docs | prompt | chat) over one-sentence documents,
+    no warm step: the first call stores them, the second reads their KV from the store."""
+    from langchain_core.retrievers import BaseRetriever
+    from langchain_core.runnables import RunnablePassthrough
+
+    texts = ["The Colosseum is an oval amphitheatre in the centre of Rome, Italy.",
+             "Mount Fuji is the highest mountain in Japan, at 3,776 metres.",
+             "The Danube flows through ten countries before reaching the Black Sea."]
+    assert all(len(t) < 125 for t in texts)
+
+    class Fixed(BaseRetriever):
+        def _get_relevant_documents(self, query, *, run_manager=None):
+            return [Document(page_content=t) for t in texts]
+
+    prompt = ChatPromptTemplate.from_template(
+        "Answer the question based only on the following context:\n{context}\n\nQuestion: {question}")
+    chain = ({"context": Fixed() | RunnableLambda(lambda ds: "\n\n".join(d.page_content for d in ds)),
+              "question": RunnablePassthrough()} | prompt | ChatKVBoost(engine=real_engine, max_tokens=8))
+    first = chain.invoke("Where is the Colosseum?")
+    assert first.response_metadata["documents"] == len(texts)
+    assert real_engine.flush_write_behind(timeout=120)
+    second = chain.invoke("How high is Mount Fuji?")
+    assert second.usage_metadata["input_token_details"]["cache_read"] > 0
+    assert second.response_metadata["documents_reused"] == len(texts)
