@@ -3,7 +3,9 @@
     .venv/bin/python benchmarks/fault_campaign.py --quick        # about 30 s on 2 cores
     .venv/bin/python benchmarks/fault_campaign.py --json out.json
 
-Sections (each prints a table row; everything is also printed as JSON at the end):
+Sections (each prints a table row; everything is also printed as JSON at the end). Stores are
+16-bit (``kv_bits=16``) so that a served entry can be compared with what was written, bit for bit:
+
 
 a. kills: a forked writer puts large entries back to back and is SIGKILLed at a random moment,
    N times. After each kill the store is reopened: entries served with the wrong content
@@ -93,7 +95,7 @@ def key_name(i: int) -> str:
 # ------------------------------------------------------------------ a. kills
 def _kill_writer(root: str, start: int, pool: int, shape, wfd: int) -> None:
     torch.set_num_threads(1)
-    store = DiskStore(root)
+    store = DiskStore(root, kv_bits=16)
     version = 0
     while True:
         version += 1
@@ -125,7 +127,7 @@ def kill_section(base: Path, kills: int, shape, rng: random.Random) -> dict:
         out["puts_finished"] = out.get("puts_finished", 0) + len(done)
         finished.update(done)
         out["temp_left_by_kill"] += len(list(root.glob("*/.*.tmp")))
-        store = DiskStore(root)  # reopen: removes the dead writer's temp files
+        store = DiskStore(root, kv_bits=16)  # reopen: removes the dead writer's temp files
         out["temp_after_reopen"] += len(list(root.glob("*/.*.tmp")))
         for key in sorted(set(store.keys()) | finished):
             chunk = store.get(key, FP)
@@ -141,7 +143,7 @@ def kill_section(base: Path, kills: int, shape, rng: random.Random) -> dict:
 # ------------------------------------------------------------------ b. concurrency
 def _writer(root: str, seed: int, seconds: float, shape, q) -> None:
     torch.set_num_threads(1)
-    rng, store, n = random.Random(seed), DiskStore(root), 0
+    rng, store, n = random.Random(seed), DiskStore(root, kv_bits=16), 0
     deadline = time.time() + seconds
     while time.time() < deadline:
         key = key_name(rng.randrange(16))
@@ -152,7 +154,7 @@ def _writer(root: str, seed: int, seconds: float, shape, q) -> None:
 
 def _reader(root: str, seed: int, seconds: float, q) -> None:
     torch.set_num_threads(1)
-    rng, store = random.Random(seed), DiskStore(root)
+    rng, store = random.Random(seed), DiskStore(root, kv_bits=16)
     reads = hits = bad = 0
     deadline = time.time() + seconds
     while time.time() < deadline:
@@ -174,7 +176,7 @@ def concurrency_section(base: Path, seconds: float, writers: int, readers: int, 
     results = [q.get(timeout=seconds + 120) for _ in procs]
     for p in procs:
         p.join()
-    store = DiskStore(root)
+    store = DiskStore(root, kv_bits=16)
     return {"writers": writers, "readers": readers, "seconds": seconds,
             "writes": sum(r[1] for r in results if r[0] == "writes"),
             "reads": sum(r[1] for r in results if r[0] == "reads"),
@@ -338,15 +340,15 @@ def fault_section(base: Path, timeout: float) -> dict:
         case = base / "faults" / kind.replace(" ", "_")
         root, outside = case / "store", case / "outside"
         outside.mkdir(parents=True)
-        store = DiskStore(root)
+        store = DiskStore(root, kv_bits=16)
         store.put(GOOD, labelled_chunk(GOOD, 1, SMALL))
         blob = labelled_chunk(BAD, 1, SMALL)
         (root / BAD[:2]).mkdir(exist_ok=True)
-        scratch = DiskStore(case / "scratch")
+        scratch = DiskStore(case / "scratch", kv_bits=16)
         scratch.put(BAD, blob)
         raw = scratch.path_for(BAD).read_bytes()
         shutil.rmtree(case / "scratch")
-        pre = DiskStore(root, max_bytes=1)  # opened before the fault: a running process meeting it
+        pre = DiskStore(root, max_bytes=1, kv_bits=16)  # opened before the fault: a running process meeting it
         own = make_fault(kind, root, outside, raw)
         before = snapshot(case, own)
         expect_refused = kind in ("model.safetensors inside store", "symlinked shard out of root")
@@ -364,7 +366,7 @@ def fault_section(base: Path, timeout: float) -> dict:
 
         with denied(root / BAD[:2] / f"{BAD}.safetensors", kind == "unreadable entry" and os.geteuid() == 0):
             row["cli_verify_rc"] = op("cli inspect --verify", lambda: cli(root, "--verify"))
-            opened = op("open", lambda: DiskStore(root, max_bytes=1)) or pre
+            opened = op("open", lambda: DiskStore(root, max_bytes=1, kv_bits=16)) or pre
             if opened is not None:
                 op("verify", opened.verify)
                 op("entries", lambda: list(opened.entries()))

@@ -19,6 +19,11 @@ STRATEGIES = ("full", "reuse", "cacheblend")
 # How a document's KV may have been encoded: after a context of related documents, or alone.
 ENCODINGS = ("context", "isolated")
 
+# Bits per stored KV value in a new store: 8 (int8 with per-channel scales, kv.quantize) halves a
+# store's disk and fetch against 16 with answer quality within noise (docs/benchmarks.md). A disk
+# store records the setting it was created with (store.settings) and keeps it.
+DEFAULT_KV_BITS = 8
+
 # Share of reused document tokens that CacheBlend recomputes (``BlendConfig.recompute_ratio``).
 DEFAULT_RECOMPUTE_RATIO = 0.1
 

@@ -93,7 +93,8 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
                         "(matmul, attention, other); CPU only")
     s.add_argument("--cold", action="store_true", help="fetch KV from a disk store (DiskStore), not memory")
     s.add_argument("--kv-bits", type=int, choices=(4, 8, 16), default=None,
-                   help="store KV quantized (DiskStore kv_bits)")
+                   help="store KV in this many bits (DiskStore kv_bits; default: the engine's memory store, "
+                        "unquantized; with --cold, the store's setting: 8 for a new store)")
     s.add_argument("--store-dir", default=None, help="directory of the disk store (default: a temp dir)")
     s.add_argument("--seed", type=int, default=0)
     c = p.add_argument_group("concurrency (issue 14: continuous batching)")

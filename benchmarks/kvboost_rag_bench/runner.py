@@ -519,7 +519,8 @@ def make_store(args) -> tuple[Any, Optional[str]]:
 
     * neither ``--cold`` nor ``--kv-bits``: ``None`` (the engine's default memory store);
     * ``--cold``: a :class:`kvboost_rag.store.disk.DiskStore` alone, so every query reads its
-      chunks from disk (OS page cache aside);
+      chunks from disk (OS page cache aside), in the store's own ``kv_bits`` (int8 for a new
+      store) unless ``--kv-bits`` says otherwise;
     * ``--kv-bits`` without ``--cold``: a memory tier over a quantized DiskStore
       (``TieredStore``), so queries use exactly the quantized-then-dequantized KV from memory.
     """
@@ -529,7 +530,7 @@ def make_store(args) -> tuple[Any, Optional[str]]:
     from kvboost_rag.store.memory import MemoryStore
 
     path = args.store_dir or tempfile.mkdtemp(prefix="kvboost-bench-")
-    disk = DiskStore(path, kv_bits=args.kv_bits or 16)
+    disk = DiskStore(path, kv_bits=args.kv_bits)
     if args.cold:
         return disk, str(path)
     return TieredStore(MemoryStore(None), disk), str(path)

@@ -21,7 +21,7 @@ COMMANDS_GROUP = "kvboost_rag.commands"  # entry points: callables taking the ad
 MAIN_EPILOG = """\
 examples:
   kvboost-rag warm docs/ --store ~/kv                # every .txt/.md file under docs/
-  kvboost-rag warm corpus.jsonl --kv-bits 8          # {"id": ..., "text": ...} per line
+  kvboost-rag warm corpus.jsonl                      # {"id": ..., "text": ...} per line
   kvboost-rag inspect --store ~/kv --verify          # exit code 1 if an entry is corrupt
   kvboost-rag ask --store ~/kv "$(cat prompt.txt)"   # warmed documents inside are reused
   kvboost-rag bench --max-queries 5                  # TTFT and fidelity against a full prefill
@@ -43,7 +43,7 @@ the report (and --json) is written, and warm exits with code 1.
 examples:
   kvboost-rag warm docs/ --store ~/kv
   kvboost-rag warm corpus.jsonl --model HuggingFaceTB/SmolLM2-360M-Instruct --batch-size 16
-  kvboost-rag warm corpus.jsonl --kv-bits 8                 # about half the disk space
+  kvboost-rag warm corpus.jsonl --kv-bits 16 --store ~/kv16  # a new store in 16 bits (twice the disk)
   kvboost-rag warm corpus.jsonl --backend ray --num-actors 4
 """
 
@@ -141,8 +141,9 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--batch-size", type=POSITIVE_INT, default=8, metavar="N", help="documents per forward pass (default: 8)")
     w.add_argument("--max-batch-tokens", type=POSITIVE_INT, default=None, metavar="N",
                    help="cap batch_len * longest_document_tokens (limits memory on long documents)")
-    w.add_argument("--kv-bits", type=int, choices=(16, 8, 4), default=16,
-                   help="16 stores KV as is; 8 / 4 quantize it KIVI-style (default: 16)")
+    w.add_argument("--kv-bits", type=int, choices=(16, 8, 4), default=None,
+                   help="16 stores KV as is; 8 / 4 quantize it KIVI-style (default: the store's recorded "
+                        "setting; 8 for a new store)")
     w.add_argument("--backend", choices=("local", "ray"), default="local",
                    help="local: this process; ray: a Ray Data actor pool (default: local)")
     w.add_argument("--num-actors", type=POSITIVE_INT, default=2, metavar="N", help="Ray actors, each loading its own model copy (one GPU each when CUDA is available; default: 2)")

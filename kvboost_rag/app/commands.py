@@ -12,7 +12,7 @@ from typing import List, Optional
 PROG = "kvboost-rag"
 
 
-def _disk_store(args, kv_bits: int = 16, max_bytes: Optional[int] = None):
+def _disk_store(args, kv_bits: Optional[int] = None, max_bytes: Optional[int] = None):
     """The --store directory's DiskStore, or for a URL the object store behind its local tiers."""
     from kvboost_rag.store.object_store import is_store_url
 

@@ -37,10 +37,10 @@ from kvboost_rag import validate
 from kvboost_rag.errors import InvalidConfigError, InvalidInputError, StoreError
 from kvboost_rag.files import atomic_file, fsync_dir
 from kvboost_rag.kv.chunk import KVChunk
-from kvboost_rag.kv.quantize import check_bits
 from kvboost_rag.store.disk_upkeep import DiskUpkeep
 from kvboost_rag.store.entry_format import (FORMAT, MAX_HEADER_BYTES, SUFFIX, EntryInfo, _as_stored,
                                             _deserialize, _entry_info, _fields, _serialize, _to_chunk)
+from kvboost_rag.store.settings import read_settings, resolve_kv_bits, write_settings
 from kvboost_rag.store.safe_files import (_KEY_RE, STALE_TEMP_AGE_S, _check_root, _entry_paths, _entry_paths_in,
                                           _read_entry, _squatter, _store_wrote, _temp_path)
 
@@ -76,7 +76,11 @@ class DiskStore(DiskUpkeep):
     max_bytes: disk budget; when exceeded after a write, least-recently-used entries (file mtime)
         are deleted. None = unbounded.
     kv_bits: 16 stores tensors as they are; 8 / 4 quantize them (:mod:`kvboost_rag.kv.quantize`) and
-        ``get`` dequantizes back to the original dtype. Entries of any kv_bits are readable.
+        ``get`` dequantizes back to the original dtype. Entries of any kv_bits are readable. None
+        (default): the setting the store records (:mod:`kvboost_rag.store.settings`), 16 for a
+        store written before settings were recorded, else
+        :data:`~kvboost_rag.config.DEFAULT_KV_BITS` (8) for a new store; the first entry written
+        records it.
     fsync: fsync the file and its directory on every write (turn off only for throwaway stores).
     """
 
@@ -85,7 +89,7 @@ class DiskStore(DiskUpkeep):
         root: Union[str, os.PathLike, None] = None,
         *,
         max_bytes: Optional[int] = None,
-        kv_bits: int = 16,
+        kv_bits: Optional[int] = None,
         fsync: bool = True,
     ) -> None:
         if root is not None and not isinstance(root, (str, os.PathLike)):
@@ -101,7 +105,6 @@ class DiskStore(DiskUpkeep):
         self.root = Path(root).expanduser() if root is not None else default_store_dir()
         self.max_bytes = validate.byte_budget("the disk budget (DiskStore / open_store max_bytes, --max-bytes)",
                                               max_bytes)
-        self.kv_bits = check_bits(kv_bits)
         self.fsync = fsync
         self._lock = threading.Lock()
         self._approx_bytes: Optional[int] = None
@@ -113,7 +116,21 @@ class DiskStore(DiskUpkeep):
         self.bytes_written = 0
         self.corrupt_keys: List[str] = []
         _check_root(self.root)
+        recorded = read_settings(self.root).get("kv_bits")
+        self._settings_recorded = recorded is not None
+        self.kv_bits = resolve_kv_bits(kv_bits, recorded, has_entries=recorded is None and self._has_entries())
         self.remove_stale_temp_files()
+
+    def _has_entries(self) -> bool:
+        return next(iter(self._iter_paths()), None) is not None
+
+    def _record_settings(self) -> None:
+        """With the store's first entry: record the setting it writes with (``store.json``)."""
+        if self._settings_recorded:
+            return
+        if not read_settings(self.root):  # another process may have recorded one meanwhile
+            write_settings(self.root, {"kv_bits": self.kv_bits}, fsync=self.fsync)
+        self._settings_recorded = True
 
     def __repr__(self) -> str:
         return f"DiskStore({str(self.root)!r}, kv_bits={self.kv_bits}, max_bytes={self.max_bytes})"
@@ -255,6 +272,7 @@ class DiskStore(DiskUpkeep):
         data = _serialize(chunk, self.kv_bits)
         try:
             self._atomic_write(path, data)
+            self._record_settings()
         except OSError as exc:
             if isinstance(exc, PermissionError) or exc.errno == errno.EROFS:
                 raise StoreError(f"cannot store {key}: the store {self.root} is read-only for this process "

@@ -189,13 +189,13 @@ class ObjectTieredStore(TieredStore):
                 "memory": {"hits": self.memory.hits, "misses": self.memory.misses}}
 
 
-def open_object_store(url: str, *, kv_bits: int = 16, max_bytes: Optional[int] = None,
+def open_object_store(url: str, *, kv_bits: Optional[int] = None, max_bytes: Optional[int] = None,
                       memory_bytes: Optional[int] = 1 << 30, cache_dir: Union[str, Path, None] = None,
                       cache_bytes: Optional[int] = DEFAULT_CACHE_BYTES, **options: Any) -> ObjectTieredStore:
     """Memory (``memory_bytes``) -> local disk cache (``cache_dir``, default :func:`default_cache_dir`,
     ``cache_bytes``) -> object store at ``url`` (``max_bytes`` for the whole prefix; ``options``:
     :class:`~kvboost_rag.store.object_store.ObjectStore` timeouts, retries, obstore ``config``)."""
     remote = ObjectStore(url, kv_bits=kv_bits, max_bytes=max_bytes, **options)
-    cache = DiskStore(cache_dir if cache_dir is not None else default_cache_dir(remote.url), kv_bits=kv_bits,
+    cache = DiskStore(cache_dir if cache_dir is not None else default_cache_dir(remote.url), kv_bits=remote.kv_bits,
                       max_bytes=cache_bytes, fsync=False)
     return ObjectTieredStore(remote, cache, MemoryStore(memory_bytes))

@@ -42,6 +42,7 @@ from pathlib import PurePosixPath
 from typing import Any, Dict, Hashable, Iterator, List, Optional, Tuple
 
 from kvboost_rag import validate
+from kvboost_rag.config import DEFAULT_KV_BITS
 from kvboost_rag.errors import InvalidConfigError, StoreError
 from kvboost_rag.kv.chunk import KVChunk
 from kvboost_rag.kv.quantize import check_bits
@@ -66,21 +67,22 @@ class ObjectStore:
     """Persistent KV store in an object store (see the module docstring for the guarantees).
 
     url: ``s3://bucket/prefix`` (or ``gs://``, ``az://``, ``memory://`` for tests).
-    kv_bits: 16, 8 or 4, as :class:`~kvboost_rag.store.disk.DiskStore`.
+    kv_bits: 16, 8 or 4, as :class:`~kvboost_rag.store.disk.DiskStore`; None (default):
+        :data:`~kvboost_rag.config.DEFAULT_KV_BITS`. Entries of any kv_bits are readable.
     max_bytes: budget of the whole prefix; the oldest entries are deleted past it. None = unbounded.
     connect_timeout_s / timeout_s: per request; retries / retry_budget_s: backoff retries of
     network errors and 5xx answers, within that total time; cooldown_s: after a failure, reads are
     misses without a request for this long. ``config`` is passed to obstore (e.g. ``region``).
     """
 
-    def __init__(self, url: str, *, kv_bits: int = 16, max_bytes: Optional[int] = None,
+    def __init__(self, url: str, *, kv_bits: Optional[int] = None, max_bytes: Optional[int] = None,
                  connect_timeout_s: float = 2.0, timeout_s: float = 30.0, retries: int = 3,
                  retry_budget_s: float = 10.0, cooldown_s: float = 2.0, put_attempts: int = 2,
                  config: Optional[Dict[str, Any]] = None) -> None:
         if not is_store_url(url):
             raise InvalidConfigError(f"ObjectStore takes an object-store URL such as s3://bucket/prefix, got {url!r}")
         self.url = url.rstrip("/")
-        self.kv_bits = check_bits(kv_bits)
+        self.kv_bits = check_bits(DEFAULT_KV_BITS if kv_bits is None else kv_bits)
         self.max_bytes = validate.byte_budget("the object-store budget (ObjectStore / open_store max_bytes)", max_bytes)
         for name in ("connect_timeout_s", "timeout_s", "retry_budget_s"):
             validate.real(name, locals()[name], minimum=0.001)

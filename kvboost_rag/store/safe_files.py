@@ -53,9 +53,10 @@ def _is_entry_name(name: str, shard: str) -> bool:
     return name.endswith(SUFFIX) and _KEY_RE.fullmatch(key) is not None and key[:2].lower() == shard
 
 
-# Files a store keeps beside its shards (never entries, never listed, evicted or repaired):
-# the co-retrieval table (:mod:`kvboost_rag.index.coretrieval`) and its temp files.
-_SIDECAR_RE = re.compile(r"coretrieval\.json(?:\.[0-9A-Za-z_]+\.tmp)?")
+# Files a store keeps beside its shards (never entries, never listed, evicted or repaired): its
+# settings (:mod:`kvboost_rag.store.settings`), the co-retrieval table
+# (:mod:`kvboost_rag.index.coretrieval`) and their temp files.
+_SIDECAR_RE = re.compile(r"(?:store|coretrieval)\.json(?:\.[0-9A-Za-z_]+\.tmp)?")
 
 
 def _check_root(root: Path) -> None:

@@ -73,7 +73,7 @@ class TieredStore:
 def open_store(
     path: Union[str, os.PathLike, None] = None,
     *,
-    kv_bits: int = 16,
+    kv_bits: Optional[int] = None,
     max_bytes: Optional[int] = None,
     memory_bytes: Optional[int] = 1 << 30,
     **object_options,

@@ -27,7 +27,7 @@ def _data_offset(path) -> int:
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_round_trip_is_exact(tmp_path, dtype):
-    store = DiskStore(tmp_path)
+    store = DiskStore(tmp_path, kv_bits=16)  # exact: 16-bit entries
     assert isinstance(store, KVStore)
     chunk = synthetic_chunk(9, dtype=dtype, text="héllo\n\nworld")
     store.put(KEY, chunk)
@@ -71,7 +71,7 @@ def test_other_fingerprint_is_never_served(tmp_path):
 
 
 def test_truncated_entry_is_a_miss_and_replaced_on_put(tmp_path, caplog):
-    store = DiskStore(tmp_path)
+    store = DiskStore(tmp_path, kv_bits=16)  # exact: 16-bit entries
     chunk = synthetic_chunk(20)
     store.put(KEY, chunk)
     path = store.path_for(KEY)
@@ -155,7 +155,7 @@ def test_entry_without_a_checksum_is_corrupt(tmp_path):
 def test_fetched_tensors_are_private_to_the_reader(tmp_path):
     """get() returns views of its own read buffer: writing to them changes neither the file nor
     the next fetch."""
-    store = DiskStore(tmp_path)
+    store = DiskStore(tmp_path, kv_bits=16)  # exact: 16-bit entries
     chunk = synthetic_chunk(8)
     store.put(KEY, chunk)
     first = store.get(KEY, chunk.fingerprint)

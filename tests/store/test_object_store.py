@@ -111,7 +111,7 @@ def _same(a, b) -> bool:
 
 # ------------------------------------------------------------------- contract
 def test_round_trip_is_byte_identical_to_the_disk_format(s3, tmp_path):
-    store = ObjectStore(s3.url(), **FAST)
+    store = ObjectStore(s3.url(), kv_bits=16, **FAST)
     chunk = synthetic_chunk(16, "fp-a", seed=1)
     size = store.put(_key(1), chunk)
     assert size > 0 and store.contains(_key(1), "fp-a")
@@ -120,7 +120,7 @@ def test_round_trip_is_byte_identical_to_the_disk_format(s3, tmp_path):
     assert _same(store.get(_key(1), "fp-a"), chunk)
 
     # the object, copied to a disk store's place, is served by DiskStore, and a disk file by the object store
-    disk = DiskStore(tmp_path / "disk")
+    disk = DiskStore(tmp_path / "disk", kv_bits=16)
     obj = s3.raw(f"kv/{_key(1)[:2]}/{_key(1)}.safetensors")
     path = disk.path_for(_key(1))
     path.parent.mkdir(parents=True)
@@ -439,7 +439,7 @@ def test_throttling_is_retried_with_backoff_then_a_miss_or_an_error(s3, monkeypa
         threading.Thread(target=proxy.serve_forever, daemon=True).start()
         try:
             monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{proxy.server_address[1]}")
-            store = ObjectStore(s3.url(f"t{fail}"), **FAST)
+            store = ObjectStore(s3.url(f"t{fail}"), kv_bits=16, **FAST)
             t0 = time.monotonic()
             if works:
                 store.put(_key(1), chunk)  # two 503s, retried
