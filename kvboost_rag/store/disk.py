@@ -37,6 +37,7 @@ from kvboost_rag import validate
 from kvboost_rag.errors import InvalidConfigError, InvalidInputError, StoreError
 from kvboost_rag.files import atomic_file, fsync_dir
 from kvboost_rag.kv.chunk import KVChunk
+from kvboost_rag.store.accounting import count_write
 from kvboost_rag.store.disk_upkeep import DiskUpkeep
 from kvboost_rag.store.entry_format import (FORMAT, MAX_HEADER_BYTES, SUFFIX, EntryInfo, _as_stored,
                                             _deserialize, _entry_info, _fields, _serialize, _to_chunk)
@@ -278,12 +279,7 @@ class DiskStore(DiskUpkeep):
                 raise StoreError(f"cannot store {key}: the store {self.root} is read-only for this process "
                                  f"({exc.strerror}); readers can still use its entries") from exc
             raise
-        with self._lock:
-            self.bytes_written += len(data)
-            if key in self.corrupt_keys:
-                self.corrupt_keys.remove(key)
-            if self._approx_bytes is not None:
-                self._approx_bytes += len(data)
+        count_write(self, key, len(data))
         if self.max_bytes is not None:
             self._maybe_evict(keep=path)
         return len(data)

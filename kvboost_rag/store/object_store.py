@@ -46,6 +46,7 @@ from kvboost_rag.config import DEFAULT_KV_BITS
 from kvboost_rag.errors import InvalidConfigError, StoreError
 from kvboost_rag.kv.chunk import KVChunk
 from kvboost_rag.kv.quantize import check_bits
+from kvboost_rag.store.accounting import count_write
 from kvboost_rag.store.entry_format import (FORMAT, SUFFIX, EntryInfo, _as_stored, _deserialize, _fields, _serialize,
                                             _to_chunk)
 from kvboost_rag.store.object_client import _BadConfig, ObjectClient, _header, _Unavailable, is_store_url
@@ -221,12 +222,7 @@ class ObjectStore:
             self._client.put(self._path(key), data)
         except (_Unavailable, FileNotFoundError) as error:  # FileNotFoundError: no such bucket
             raise StoreError(f"object store write of {key} to {self.url} failed: {error}") from None
-        with self._lock:
-            self.bytes_written += len(data)
-            if key in self.corrupt_keys:
-                self.corrupt_keys.remove(key)
-            if self._approx_bytes is not None:
-                self._approx_bytes += len(data)
+        count_write(self, key, len(data))
         self._bump()
         if self.max_bytes is not None:
             self._maybe_evict(keep=key)

@@ -4,7 +4,7 @@ import subprocess
 
 import pytest
 
-from kvboost_rag.testing.store import PYTHON, FakeEngine, make_docs, python_env, tiny_model_factory
+from kvboost_rag.testing.store import PYTHON, FakeEngine, make_docs, python_env
 from kvboost_rag.app.cli import build_parser, main
 from kvboost_rag.store.disk import DiskStore
 from kvboost_rag.app.warm import warm_corpus
@@ -86,15 +86,6 @@ def test_inspect_and_verify_exit_codes(tmp_path, capsys):
     assert [c["key"] for c in summary["corrupt"]] == [key] and summary["entries"] == 7
     assert not victim.exists()
     assert main(["inspect", "--store", str(tmp_path), "--verify"]) == 0
-
-
-@pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny-model")
-    model, tok = tiny_model_factory()
-    model.save_pretrained(path)
-    tok.save_pretrained(path)
-    return path
 
 
 def test_warm_then_ask_with_a_model_folder(tmp_path, tiny_model_dir, capsys):

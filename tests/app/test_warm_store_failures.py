@@ -7,23 +7,13 @@ import errno
 import json
 import subprocess
 
-import pytest
 
 from kvboost_rag.app.cli import main
 from kvboost_rag.app.warm import warm_corpus
 from kvboost_rag.store.disk import DiskStore
-from kvboost_rag.testing.store import PYTHON, FakeEngine, make_docs, python_env, tiny_model_factory
+from kvboost_rag.testing.store import PYTHON, FakeEngine, make_docs, python_env
 
 SQUAT = "not a file this store wrote; remove it by hand"
-
-
-@pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny-model")
-    model, tok = tiny_model_factory()
-    model.save_pretrained(path)
-    tok.save_pretrained(path)
-    return path
 
 
 def _corpus(tmp_path, docs):

@@ -14,6 +14,22 @@ from kvboost_rag.testing.models import DOCS, tiny_engine
 ARCHITECTURES = ["llama", "qwen2", "qwen3", "mistral", "phi3", "gemma"]
 
 
+
+def _record_selections(monkeypatch) -> list:
+    """The ``selected`` tokens of every blend the engine runs from now on, in order."""
+    from kvboost_rag.prefill import forward as prefill_mod
+
+    selections: list = []
+    original = prefill_mod.blend
+
+    def spy(*args, **kwargs):
+        result = original(*args, **kwargs)
+        selections.append(result.selected)
+        return result
+
+    monkeypatch.setattr(prefill_mod, "blend", spy)
+    return selections
+
 def _prompt(engine, order):
     return ([Segment.text("<|im_start|>user\nRead these.\n\n")]
             + [s for i in order for s in (Segment.document(DOCS[i]), Segment.text("\n\n"))]
@@ -204,21 +220,10 @@ def test_deviation_rules_pick_the_tokens_whose_kv_deviates_most(selection, monke
     fresh K/V equal a full prefill's (layer 0 is exact for stored tokens), so the rule must pick
     exactly the top share of reused tokens by squared deviation of the full prefill's K (V) from
     the stored, re-rotated K (V). Sinks are off, so nothing else is selected."""
-    from kvboost_rag.prefill import forward as prefill_mod
-
     engine = tiny_engine("llama", selection=selection, sink_tokens=0, prefix_cache_bytes=0)
     engine.warm(DOCS)
     prompt = _prompt(engine, [2, 3, 1, 0])
-    selections = []
-
-    original = prefill_mod.blend
-
-    def spy(*args, **kwargs):
-        result = original(*args, **kwargs)
-        selections.append(result.selected)
-        return result
-
-    monkeypatch.setattr(prefill_mod, "blend", spy)
+    selections = _record_selections(monkeypatch)
     pre = engine.prefill(prompt, recompute_ratio=0.3)
     tokenized = engine.tokenize(prompt)
     n = len(tokenized)
@@ -287,8 +292,6 @@ def test_question_probe_runs_only_tokens_without_stored_kv(monkeypatch):
 def test_prompt_ending_with_a_document(selection, monkeypatch):
     """The last token gives the first answer token, so it is computed even when it is a
     document's; at ratio 1.0 the result still equals a full prefill."""
-    from kvboost_rag.prefill import forward as prefill_mod
-
     engine = tiny_engine("llama", selection=selection)
     engine.warm(DOCS)
     prompt = [Segment.text("<|im_start|>user\nRead these.\n\n"), Segment.document(DOCS[1]),
@@ -297,16 +300,7 @@ def test_prompt_ending_with_a_document(selection, monkeypatch):
     exact = engine.prefill(prompt, recompute_ratio=1.0)
     assert _max_kv_diff(full, exact) <= 1e-4
     assert (full.logits - exact.logits).abs().max().item() <= 1e-4
-    selections = []
-
-    original = prefill_mod.blend
-
-    def spy(*args, **kwargs):
-        result = original(*args, **kwargs)
-        selections.append(result.selected)
-        return result
-
-    monkeypatch.setattr(prefill_mod, "blend", spy)
+    selections = _record_selections(monkeypatch)
     part = engine.prefill(prompt, recompute_ratio=0.3)
     reuse = engine.prefill(prompt, strategy="reuse")
     assert part.stats.documents_reused == 2 and part.stats.recomputed_tokens > 0

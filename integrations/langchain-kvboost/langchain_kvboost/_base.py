@@ -122,6 +122,19 @@ def check_batch_config(config: Any) -> None:
             validate.integer("max_concurrency", c["max_concurrency"], minimum=1)
 
 
+class CheckedBatch:
+    """``batch`` / ``abatch`` with their config checked first (:func:`check_batch_config`); mixed
+    in before the LangChain base class of each model."""
+
+    def batch(self, inputs: list, config: Any = None, **kwargs: Any) -> list:
+        check_batch_config(config)
+        return super().batch(inputs, config, **kwargs)
+
+    async def abatch(self, inputs: list, config: Any = None, **kwargs: Any) -> list:
+        check_batch_config(config)
+        return await super().abatch(inputs, config, **kwargs)
+
+
 def usage_metadata(result: Any) -> dict:
     """LangChain ``UsageMetadata``: reused KV tokens are reported as ``cache_read`` input tokens."""
     counts = integration.usage(result)

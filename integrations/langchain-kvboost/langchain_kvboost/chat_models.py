@@ -33,7 +33,7 @@ from kvboost_rag.frameworks.tool_calls import ToolCallStream, ToolTurn, prepare_
 from kvboost_rag import validate
 from kvboost_rag.errors import InvalidConfigError, InvalidInputError
 
-from ._base import KVBoostParams, check_batch_config, response_metadata, usage_metadata
+from ._base import CheckedBatch, KVBoostParams, response_metadata, usage_metadata
 from .documents import is_document_block
 from .retrieved import retrieved_documents
 
@@ -119,7 +119,7 @@ def _openai_tools(tools: Any) -> list[dict]:
     return out
 
 
-class ChatKVBoost(BaseChatModel, KVBoostParams):
+class ChatKVBoost(CheckedBatch, BaseChatModel, KVBoostParams):
     """Chat model answering from a local HF model with pre-encoded document KV reused.
 
     Build lazily from a model (``ChatKVBoost.from_model_id("HuggingFaceTB/SmolLM2-360M-Instruct")``,
@@ -316,14 +316,6 @@ class ChatKVBoost(BaseChatModel, KVBoostParams):
                 await run_manager.on_llm_new_token(chunk.text, chunk=chunk)
             yield chunk
         yield last
-
-    def batch(self, inputs: list, config: Any = None, **kwargs: Any) -> list:
-        check_batch_config(config)
-        return super().batch(inputs, config, **kwargs)
-
-    async def abatch(self, inputs: list, config: Any = None, **kwargs: Any) -> list:
-        check_batch_config(config)
-        return await super().abatch(inputs, config, **kwargs)
 
     # -- tools and structured output -------------------------------------------------------------
     def bind_tools(self, tools: Sequence[Union[dict[str, Any], type, Callable, BaseTool]], *,

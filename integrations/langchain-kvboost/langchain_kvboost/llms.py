@@ -14,11 +14,11 @@ from langchain_core.outputs import Generation, GenerationChunk, LLMResult
 from kvboost_rag.frameworks import options as integration
 from kvboost_rag.serve.streaming import TokenStream
 
-from ._base import KVBoostParams, check_batch_config, response_metadata, usage_metadata
+from ._base import CheckedBatch, KVBoostParams, response_metadata, usage_metadata
 from .retrieved import retrieved_documents
 
 
-class KVBoostLLM(BaseLLM, KVBoostParams):
+class KVBoostLLM(CheckedBatch, BaseLLM, KVBoostParams):
     """Completion-style LLM; share a model with the chat class via ``KVBoostLLM(engine=chat.load_engine())``.
 
     ``chat_template=True`` wraps each prompt as one user turn of the tokenizer's chat template,
@@ -44,14 +44,6 @@ class KVBoostLLM(BaseLLM, KVBoostParams):
         model = kwargs.get("model")
         params["ls_model_name"] = model if isinstance(model, str) else self.model_label
         return params
-
-    def batch(self, inputs: list, config: Any = None, **kwargs: Any) -> list:
-        check_batch_config(config)
-        return super().batch(inputs, config, **kwargs)
-
-    async def abatch(self, inputs: list, config: Any = None, **kwargs: Any) -> list:
-        check_batch_config(config)
-        return await super().abatch(inputs, config, **kwargs)
 
     def _prepare(self, prompt: str, stop: Optional[list[str]], kwargs: dict, run_manager: Any = None) -> TokenStream:
         """The engine stream of one prompt. ``response_format`` (``.bind(response_format=...)`` or a
