@@ -597,7 +597,7 @@ def context_setting(args) -> Any:
     from kvboost_rag.app.commands import context_from_args
     from kvboost_rag.index.context import ContextConfig
 
-    defaults = dict(context_docs=3, context_tokens=None, context_order="nearest_last", context_kv="computed")
+    defaults = dict(context_docs=3, context_tokens=None, context_order="nearest_last", context_kv="stored")
     cfg = context_from_args(argparse.Namespace(**{k: getattr(args, k, v) for k, v in defaults.items()}))
     return "auto" if cfg == ContextConfig() else cfg
 

@@ -112,10 +112,10 @@ def add_context_args(p) -> None:
     p.add_argument("--context-order", choices=("nearest_last", "nearest_first"), default="nearest_last",
                    help="where the most similar neighbour sits: right before the document or first "
                         "(default: nearest_last)")
-    p.add_argument("--context-kv", choices=("computed", "stored"), default="computed",
-                   help="computed: run each document's context through the model with it; stored: place "
-                        "the neighbours' stored isolated KV before it (about the cost of an isolated warm) "
-                        "(default: computed)")
+    p.add_argument("--context-kv", choices=("stored", "computed"), default="stored",
+                   help="stored: place the neighbours' stored isolated KV before each document (about the "
+                        "cost of an isolated warm); computed: run each document's context through the model "
+                        "with it (default: stored)")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -191,8 +191,12 @@ class _RayWarmWorker:
             for doc, ids, key in pending:
                 neighbour_ids = [self.engine.tokenize_document(n) for n in near.get(doc.text, [])]
                 contexts[key] = context_of(self.engine, ids, neighbour_ids, self.context)
-        for sub in batches(pending, self.batch_size, self.max_batch_tokens, contexts):
-            rows.extend(encode_and_store(self.engine, self.store, sub, register=False, contexts=contexts))
+        # stored neighbour KV: one document per forward, after its neighbours' isolated entries
+        # (the driver's first pass wrote them to the shared store)
+        stored = self.context is not None and self.context.neighbour_kv == "stored"
+        for sub in batches(pending, 1 if stored else self.batch_size, self.max_batch_tokens, contexts):
+            rows.extend(encode_and_store(self.engine, self.store, sub, register=False, contexts=contexts,
+                                         neighbours_from=self.context.order if stored else None))
         cols = ("id", "key", "tokens", "bytes", "status", "reason", "context_tokens", "store_error")
         return {c: [r[c] for r in rows] for c in cols}
 
@@ -236,15 +240,17 @@ def _warm_ray(documents: Any, model_spec: Any, store: Any, *, batch_size: int, r
         for it, near in zip(items, nearest_neighbours(texts, context.neighbours, context.embedder)):
             it["neighbours"] = [texts[j] for j in near]
     items.sort(key=lambda it: len(it["text"]), reverse=True)
-    if items:
-        gpus = 1 if torch.cuda.is_available() else 0
-        remote = {"num_cpus": 0 if gpus else 1, **ray_remote_args}
+    gpus = 1 if torch.cuda.is_available() else 0
+    remote = {"num_cpus": 0 if gpus else 1, **ray_remote_args}
+
+    def run_pass(pass_context: Optional[ContextConfig], into: WarmReport, desc: str) -> None:
+        """One pass of the actor pool over ``items``, its rows added to ``into``."""
         ds = ray.data.from_items(items).map_batches(
             _RayWarmWorker,
             fn_constructor_kwargs={
                 "model_spec": model_spec, "store_spec": spec, "engine_kwargs": engine_kwargs,
                 "verify_existing": verify_existing, "max_batch_tokens": max_batch_tokens, "batch_size": batch_size,
-                "context": context,
+                "context": pass_context,
             },
             compute=ray.data.ActorPoolStrategy(size=num_actors),
             batch_size=batch_size,
@@ -252,19 +258,26 @@ def _warm_ray(documents: Any, model_spec: Any, store: Any, *, batch_size: int, r
             batch_format="numpy",
             **remote,
         )
-        bar = tqdm(total=len(items), unit="doc", desc="warm (ray)", disable=not progress, dynamic_ncols=True)
+        bar = tqdm(total=len(items), unit="doc", desc=desc, disable=not progress, dynamic_ncols=True)
         try:
             for row in ds.iter_rows():
                 row = {k: (v.item() if hasattr(v, "item") else v) for k, v in row.items()}
-                report._add_row(row)
+                into._add_row(row)
                 bar.update(1)
                 elapsed = time.perf_counter() - t0
-                bar.set_postfix_str(f"{report.tokens / elapsed:,.0f} tok/s" if elapsed > 0 else "", refresh=False)
-                if on_batch is not None:
+                bar.set_postfix_str(f"{into.tokens / elapsed:,.0f} tok/s" if elapsed > 0 else "", refresh=False)
+                if on_batch is not None and into is report:
                     on_batch([row])
         except KeyboardInterrupt as exc:
             raise interrupted(exc, report, t0)
         finally:
             bar.close()
+
+    if items:
+        if context is not None and context.neighbour_kv == "stored":  # the neighbours' isolated entries first
+            first = WarmReport(backend="ray")
+            run_pass(None, first, "warm (ray, isolated)")
+            report.isolated_encoded, report.isolated_tokens = first.encoded, first.tokens
+        run_pass(context, report, "warm (ray)")
     report.seconds = time.perf_counter() - t0
     return report

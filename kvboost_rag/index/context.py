@@ -50,18 +50,19 @@ class ContextConfig:
     order: ``"nearest_last"`` puts the most similar neighbour right before the document,
         ``"nearest_first"`` puts it first.
     embedder: where the vectors come from (see the module docstring); None = packaged MiniLM.
-    neighbour_kv: ``"computed"``: the context runs through the model with the document (exact
-        cross-document attention; the warm computes every context token); ``"stored"``: the
-        neighbours' own isolated entries (encoded first where missing) are placed before the
-        document and only the document's tokens are computed (a warm about as cheap as an
-        isolated one; the neighbours' KV is an approximation).
+    neighbour_kv: ``"stored"`` (default): the neighbours' own isolated entries (encoded first
+        where missing) are placed before the document and only the document's tokens are
+        computed: a warm about as cheap as an isolated one, and on the multi-hop suite at least as
+        good answers as ``"computed"`` (docs/benchmarks.md). ``"computed"``: the context runs
+        through the model with the document (exact cross-document attention inside the context;
+        the warm computes every context token).
     """
 
     neighbours: int = 3
     max_tokens: Optional[int] = None
     order: str = "nearest_last"
     embedder: Any = None
-    neighbour_kv: str = "computed"
+    neighbour_kv: str = "stored"
 
     def __post_init__(self) -> None:
         if isinstance(self.neighbours, bool) or not isinstance(self.neighbours, int) or self.neighbours < 0:

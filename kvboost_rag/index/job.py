@@ -351,16 +351,17 @@ def index_documents(engine: Any, docs: Sequence[CorpusDoc], store: Any = None, *
         report.documents = len(docs)
         encoding = CONTEXT if context is not None and context.neighbours > 0 else ISOLATED
         stored_kv = encoding == CONTEXT and context.neighbour_kv == "stored"
-        if stored_kv:  # the neighbours' isolated entries first: their KV is the context
-            first = index_documents(engine, docs, store, batch_size=batch_size, max_batch_tokens=max_batch_tokens,
-                                    verify_existing=verify_existing, register=False, progress=progress)
-            report.isolated_encoded, report.isolated_tokens = first.encoded, first.tokens
         report.encoding = encoding
         corpus: List[Tuple[CorpusDoc, List[int]]] = []
         pending, rows = plan(engine, store, docs, set(), verify_existing, register, encoding, corpus)
+        # neighbours first: a bad embedder fails before anything is written
+        contexts = plan_contexts(engine, pending, corpus, context) if encoding == CONTEXT else {}
+        if stored_kv:  # the neighbours' isolated entries next: their KV is the context
+            first = index_documents(engine, docs, store, batch_size=batch_size, max_batch_tokens=max_batch_tokens,
+                                    verify_existing=verify_existing, register=False, progress=progress)
+            report.isolated_encoded, report.isolated_tokens = first.encoded, first.tokens
         for row in rows:
             report._add_row(row)
-        contexts = plan_contexts(engine, pending, corpus, context) if encoding == CONTEXT else {}
         total_tokens = sum(len(ids) + len(contexts.get(key, ((), ()))[0]) for _, ids, key in pending)
         bar = tqdm(total=total_tokens, unit="tok", unit_scale=True, desc="warm", disable=not progress, dynamic_ncols=True)
         done_docs = 0

@@ -92,6 +92,11 @@ class FakeEngine:
             self.encoded_texts.append(text)
         return out
 
+    def encode_after(self, text: str, neighbours) -> KVChunk:
+        """As the engine's: one document after its neighbours' stored chunks (their token ids are
+        recorded as its context, like ``encode_batch``'s)."""
+        return self.encode_batch([text], contexts=[[t for c in neighbours for t in c.token_ids]])[0]
+
     def register_text(self, text: str) -> None:
         self.registered.add(text)
 

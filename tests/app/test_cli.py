@@ -4,6 +4,7 @@ import subprocess
 
 import pytest
 
+from kvboost_rag.index.context import ContextConfig
 from kvboost_rag.testing.store import PYTHON, FakeEngine, make_docs, python_env
 from kvboost_rag.app.cli import build_parser, main
 from kvboost_rag.store.disk import DiskStore
@@ -63,8 +64,10 @@ def test_usage_errors_exit_2(capsys):
 def test_inspect_and_verify_exit_codes(tmp_path, capsys):
     assert main(["inspect", "--store", str(tmp_path / "missing")]) == 1
     store = DiskStore(tmp_path)
-    warm_corpus(make_docs(5), FakeEngine(store=store, fingerprint="model-X"), progress=False)
-    warm_corpus(make_docs(2, seed=9), FakeEngine(store=store, fingerprint="model-Y"), progress=False)
+    one_entry_each = ContextConfig(neighbour_kv="computed")  # one entry per document
+    warm_corpus(make_docs(5), FakeEngine(store=store, fingerprint="model-X"), progress=False, context=one_entry_each)
+    warm_corpus(make_docs(2, seed=9), FakeEngine(store=store, fingerprint="model-Y"), progress=False,
+                context=one_entry_each)
     capsys.readouterr()
     assert main(["inspect", "--store", str(tmp_path), "--verify"]) == 0
     out = capsys.readouterr().out

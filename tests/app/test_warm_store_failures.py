@@ -11,6 +11,7 @@ import subprocess
 from kvboost_rag.app.cli import main
 from kvboost_rag.app.warm import warm_corpus
 from kvboost_rag.store.disk import DiskStore
+from kvboost_rag.index.context import ContextConfig
 from kvboost_rag.testing.store import PYTHON, FakeEngine, make_docs, python_env
 
 SQUAT = "not a file this store wrote; remove it by hand"
@@ -92,7 +93,8 @@ class FullDisk(DiskStore):
 def test_a_full_disk_fails_the_documents_it_refuses_and_the_job_goes_on(tmp_path):
     store = FullDisk(tmp_path, room=3)
     engine = FakeEngine(store=store)
-    report = warm_corpus(make_docs(8), engine, batch_size=2, progress=False)
+    report = warm_corpus(make_docs(8), engine, batch_size=2, progress=False,
+                         context=ContextConfig(neighbour_kv="computed"))  # one entry per document
     assert report.encoded == 3 and report.store_errors == 5 and len(report.failed) == 5
     assert all("File too large" in r and "free disk space" in r for _, r in report.failed)
     assert len(DiskStore(tmp_path)) == 3

@@ -57,8 +57,9 @@ def test_arrange_orders_and_budgets():
 
 def test_context_encoded_kv_is_the_documents_kv_after_its_neighbours(engine):
     """The stored KV of a context-encoded document equals a full prefill's KV of
-    [preamble][neighbour][document] at the document's positions, and ``start`` is where it sat."""
-    cfg = ContextConfig(neighbours=1, embedder=topic_embedder)
+    [preamble][neighbour][document] at the document's positions, and ``start`` is where it sat
+    (context computed with the document: no isolated entry is written)."""
+    cfg = ContextConfig(neighbours=1, embedder=topic_embedder, neighbour_kv="computed")
     report = engine.warm(DOCS, context=cfg)
     assert report.encoding == "context" and report.encoded == 4 and report.context_encoded == 4
     doc, neighbour = DOCS[0], DOCS[2]
@@ -185,8 +186,9 @@ def test_warm_corpus_default_uses_context_and_cli_can_turn_it_off(tmp_path):
     engine = tiny_engine("llama", store=MemoryStore())
     report = warm_corpus(DOCS, engine, progress=False)            # the packaged MiniLM picks neighbours
     assert report.encoding == "context" and report.context_encoded == 4 and report.context_tokens > 0
-    off = warm_corpus(DOCS, engine, progress=False, context="none")
-    assert off.encoding == "isolated" and off.encoded == 4
+    assert report.isolated_encoded == 4  # stored neighbour KV (the default): isolated entries first
+    off = warm_corpus(DOCS, tiny_engine("llama", store=MemoryStore()), progress=False, context="none")
+    assert off.encoding == "isolated" and off.encoded == 4 and off.isolated_encoded == 0
 
 
 def test_inspect_shows_context_entries_and_verify_names_a_forged_context(tmp_path, capsys):
@@ -202,7 +204,7 @@ def test_inspect_shows_context_entries_and_verify_names_a_forged_context(tmp_pat
     capsys.readouterr()
     assert main(["inspect", "--store", str(tmp_path), "--json"]) == 0
     models = json.loads(capsys.readouterr().out)["models"]
-    assert [(m["entries"], m["with_context"]) for m in models.values()] == [(6, 4)]
+    assert [(m["entries"], m["with_context"]) for m in models.values()] == [(8, 4)]  # 4 isolated, 4 context
     infos = {i.key: i for i in store.entries()}
     ctx_info = infos[engine.key_for_text(DOCS[0], "context")]
     assert ctx_info.encoding == "context" and ctx_info.context == (engine.key_for_text(DOCS[2]),)

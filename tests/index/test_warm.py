@@ -17,6 +17,12 @@ from kvboost_rag.store.tiered import TieredStore
 from kvboost_rag.errors import InvalidConfigError
 from kvboost_rag.store.memory import MemoryStore
 from kvboost_rag.app.warm import WarmReport, warm_corpus
+from kvboost_rag.index.context import ContextConfig
+
+# The job's mechanics (dedup, resume, kills, concurrency) are tested with one entry per document:
+# context computed with the document. The default (stored neighbour KV) adds each document's
+# isolated entry first; the Ray test below covers it.
+COMPUTED = ContextConfig(neighbour_kv="computed")
 
 
 class LCDoc:  # duck-typed LangChain Document
@@ -96,7 +102,7 @@ def test_llamaindex_node_default_render():
 def test_dedup_failures_and_report(tmp_path):
     engine = FakeEngine(store=DiskStore(tmp_path))
     docs = make_docs(10) + make_docs(3) + ["", "FAIL-ENCODE this one", "word " * 600]
-    report = warm_corpus(docs, engine, batch_size=4, progress=False)
+    report = warm_corpus(docs, engine, batch_size=4, progress=False, context=COMPUTED)
     assert report.documents == 16 and report.encoded == 10 and report.duplicates == 3 and report.skipped == 0
     reasons = dict(report.failed)
     assert reasons["#13"] == "empty document" and "synthetic encoder failure" in reasons["#14"]
@@ -130,11 +136,11 @@ def test_ctrl_c_then_resume_loses_nothing(tmp_path):
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt) as info:
-        warm_corpus(docs, engine, batch_size=4, progress=False, on_batch=interrupt)
+        warm_corpus(docs, engine, batch_size=4, progress=False, on_batch=interrupt, context=COMPUTED)
     partial = info.value.report
     assert partial.interrupted and partial.encoded == 8 and len(DiskStore(tmp_path)) == 8
     engine2 = FakeEngine(store=DiskStore(tmp_path))
-    report = warm_corpus(docs, engine2, batch_size=4, progress=False)
+    report = warm_corpus(docs, engine2, batch_size=4, progress=False, context=COMPUTED)
     assert report.skipped == 8 and report.encoded == 12
     assert len(engine2.encoded_texts) == 12 and engine2.registered == set(docs)
 
@@ -142,14 +148,15 @@ def test_ctrl_c_then_resume_loses_nothing(tmp_path):
 def test_corrupt_entries_are_recomputed_by_the_next_warm(tmp_path):
     docs = make_docs(6)
     store = DiskStore(tmp_path)
-    warm_corpus(docs, FakeEngine(store=store), progress=False)
+    warm_corpus(docs, FakeEngine(store=store), progress=False, context=COMPUTED)
     paths = sorted(tmp_path.rglob("*.safetensors"))
     with open(paths[0], "r+b") as f:  # truncated: the header/length check in contains() sees it
         f.truncate(paths[0].stat().st_size // 2)
     _flip_tensor_byte(paths[1])       # bit flip in tensor data: only the checksum sees it
-    report = warm_corpus(docs, FakeEngine(store=DiskStore(tmp_path)), progress=False)
+    report = warm_corpus(docs, FakeEngine(store=DiskStore(tmp_path)), progress=False, context=COMPUTED)
     assert report.encoded == 1 and report.skipped == 5
-    report = warm_corpus(docs, FakeEngine(store=DiskStore(tmp_path)), progress=False, verify_existing=True)
+    report = warm_corpus(docs, FakeEngine(store=DiskStore(tmp_path)), progress=False, verify_existing=True,
+                         context=COMPUTED)
     assert report.encoded == 1 and report.skipped == 5
     assert DiskStore(tmp_path).verify() == [] and len(DiskStore(tmp_path)) == 6
 
@@ -159,12 +166,14 @@ CONCURRENT = textwrap.dedent("""
     from kvboost_rag.testing.store import FakeEngine, make_docs
     from kvboost_rag.store.disk import DiskStore
     from kvboost_rag.app.warm import warm_corpus
+    from kvboost_rag.index.context import ContextConfig
     root, a, b, barrier = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
     open(f"{barrier}.{a}", "w").close()          # barrier: start together, so the writes overlap
     while len([f for f in os.listdir(os.path.dirname(barrier)) if f.startswith("ready.")]) < 2:
         time.sleep(0.01)
     docs = make_docs(30)[a:b]
-    r = warm_corpus(docs, FakeEngine(store=DiskStore(root), delay_s=0.05), batch_size=3, progress=False)
+    r = warm_corpus(docs, FakeEngine(store=DiskStore(root), delay_s=0.05), batch_size=3, progress=False,
+                    context=ContextConfig(neighbour_kv="computed"))
     print(r.encoded, r.skipped)
 """)
 
@@ -202,9 +211,10 @@ KILL_SCRIPT = textwrap.dedent("""
     from kvboost_rag.testing.store import make_docs, tiny_model_factory
     from kvboost_rag.store.disk import DiskStore
     from kvboost_rag.app.warm import warm_corpus
+    from kvboost_rag.index.context import ContextConfig
     docs = make_docs(40) + make_docs(5)   # 40 unique documents
     warm_corpus(docs, tiny_model_factory, DiskStore(sys.argv[1]), batch_size=2, progress=False,
-                on_batch=lambda rows: time.sleep(0.25))
+                on_batch=lambda rows: time.sleep(0.25), context=ContextConfig(neighbour_kv="computed"))
 """)
 
 
@@ -222,7 +232,7 @@ def test_kill_9_mid_run_then_resume(tmp_path):
     before = len(DiskStore(root))
     assert 6 <= before < 40
     report = warm_corpus(make_docs(40) + make_docs(5), tiny_model_factory, DiskStore(root), batch_size=8,
-                         progress=False)
+                         progress=False, context=COMPUTED)
     assert report.skipped == before and report.encoded == 40 - before, report.summary()
     assert report.duplicates == 5 and report.failed == []
     store = DiskStore(root)
@@ -256,7 +266,7 @@ def test_real_engine_disk_store_fresh_process_reuse(tmp_path):
     key = engine.chunk_key(engine.tokenize_document(docs[0]))
     assert DiskStore(tmp_path).get(key, other.fingerprint) is None
     assert not other.is_warm(docs[0])
-    again = warm_corpus(docs, other, progress=False)
+    again = warm_corpus(docs, other, progress=False, context=COMPUTED)
     assert again.encoded == 4 and again.skipped == 0
     assert len(DiskStore(tmp_path)) == 8
 
@@ -274,9 +284,12 @@ def test_ray_backend_two_actors(tmp_path):
                              batch_size=3, progress=False)
     finally:
         ray.shutdown()
-    assert report.backend == "ray" and report.encoded == 12, report.summary()
+    # the default context (stored neighbour KV): an isolated pass, then the context pass
+    assert report.backend == "ray" and report.encoded == 12 and report.isolated_encoded == 12, report.summary()
+    assert report.encoding == "context" and report.context_encoded == 12
     assert report.duplicates == 2 and len(report.failed) == 1
     store = DiskStore(tmp_path)
-    assert len(store) == 12 and store.verify() == []
+    assert len(store) == 24 and store.verify() == []
+    assert sorted(e.encoding for e in store.entries()) == ["context"] * 12 + ["isolated"] * 12
     again = warm_corpus(make_docs(12), tiny_model_factory, store, progress=False)
     assert again.skipped == 12 and again.encoded == 0
