@@ -234,8 +234,8 @@ def structured_budget(constraint: Any, requested: Any, prompt_tokens: int, conte
 
     What the schema needs: the longest text its grammar allows, in characters (a token holds at
     least one character of ASCII text), when the schema bounds every part; otherwise
-    :data:`UNBOUNDED_STRUCTURED_TOKENS`. So ``max_tokens=32`` never cuts a small object in half
-    (it used to raise :class:`~kvboost_rag.errors.StructuredOutputError`). A caller's limit larger
+    :data:`UNBOUNDED_STRUCTURED_TOKENS`. So a small ``max_tokens`` never cuts an object in half
+    (which would be a :class:`~kvboost_rag.errors.StructuredOutputError`). A caller's limit larger
     than the room is left as is (the engine says the prompt does not fit)."""
     requested = int(requested) if requested is not None else 128
     width = _regex_max_width(constraint.regex)

@@ -55,8 +55,8 @@ log = logging.getLogger("kvboost_rag")
 # A line that separates blocks: blank, or a horizontal rule of 3+ '-' / '=' / '_' / '*'
 # (LlamaIndex's default QA template fences its context with "---------------------").
 _RULE = re.compile(r"[-=_*]{3,}")
-# No minimum length: a retrieved chunk may be one sentence (stock chains over short documents
-# reused nothing with a 200-character minimum). Kept as a parameter for callers that want one.
+# No minimum length: a retrieved chunk may be one sentence, and a minimum would leave stock chains
+# over short documents with nothing to reuse. Kept as a parameter for callers that want one.
 MIN_DOCUMENT_CHARS = 0
 
 

@@ -255,7 +255,7 @@ class KVBoostLLM(integration.EngineHolder, FunctionCallingLLM):
             prompt = engine.chat_segments(engine_messages)
         sinks = current_sinks()
         documents = retrieved_documents(sinks)
-        if documents or turn is not None:
+        if documents:  # a tool turn's segments are already a MarkedPrompt (prepare_tool_turn)
             prompt = integration.mark_documents(prompt, documents, engine)
             if turn is not None:
                 turn.segments = prompt
